@@ -1,0 +1,40 @@
+"""tasklet: decorator-first background jobs on PostgreSQL or SQLite.
+
+>>> from tasklet import job
+>>> @job(queue="email", max_attempts=5)
+... def send_welcome(user_id: int) -> None: ...
+>>> send_welcome.defer(user_id=5)  # doctest: +SKIP
+"""
+
+from ._config import Settings, configure
+from ._job import Deferrer, Job, JobHandle, job
+from .context import JobContext
+from .errors import (
+    DatabaseUnavailableError,
+    JobDefinitionError,
+    PayloadTooLargeError,
+    SchemaMissingError,
+    SerializationError,
+    TaskletError,
+)
+from .migrations import downgrade, upgrade
+from .schema import metadata
+
+__all__ = [
+    "DatabaseUnavailableError",
+    "Deferrer",
+    "Job",
+    "JobContext",
+    "JobDefinitionError",
+    "JobHandle",
+    "PayloadTooLargeError",
+    "SchemaMissingError",
+    "SerializationError",
+    "Settings",
+    "TaskletError",
+    "configure",
+    "downgrade",
+    "job",
+    "metadata",
+    "upgrade",
+]

@@ -1,0 +1,165 @@
+"""Engines and transactions: the settings each database needs, and clear errors.
+
+SQLite is set up as the design asks: WAL journal, a busy timeout, foreign keys
+on, and write transactions that take the write lock up front (``BEGIN
+IMMEDIATE``), so concurrent writers queue on the lock instead of failing with
+"database is locked" halfway through a transaction. Read-only transactions
+use a plain ``BEGIN`` so they never wait behind writers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine.url import URL
+
+from ._config import Settings
+from .errors import DatabaseUnavailableError, SchemaMissingError, TaskletError
+
+Dialect = Literal["postgresql", "sqlite"]
+_READ_ONLY = "tasklet_read_only"
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_MIGRATE_HINT = "run `tasklet migrate` (or `alembic upgrade head` from a clone of tasklet)"
+
+
+def normalize_url(raw: str | URL) -> URL:
+    """Give plain ``postgresql://`` URLs the psycopg 3 driver, and check it is installed."""
+    url = make_url(raw)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    if url.drivername == "postgresql+psycopg" and importlib.util.find_spec("psycopg") is None:
+        raise TaskletError("PostgreSQL support needs psycopg 3: pip install 'tasklet[postgres]'")
+    return url
+
+
+def _setup_sqlite(engine: Engine, settings: Settings) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Hand transaction control to SQLAlchemy's "begin" event below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(settings.sqlite_busy_timeout_s * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute(f"PRAGMA synchronous = {settings.sqlite_synchronous}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        read_only = conn.get_execution_options().get(_READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def create_engine(settings: Settings) -> Engine:
+    url = normalize_url(settings.resolved_url())
+    if url.get_backend_name() == "sqlite":
+        engine = sa.create_engine(
+            url,
+            connect_args={"timeout": settings.sqlite_busy_timeout_s, "check_same_thread": False},
+        )
+        _setup_sqlite(engine, settings)
+        return engine
+    return sa.create_engine(url, pool_size=10, max_overflow=20)
+
+
+@dataclass(eq=False)
+class Database:
+    """One database tasklet reads and writes, with the options every statement needs."""
+
+    engine: Engine
+    schema: str | None
+    settings: Settings
+    owns_engine: bool
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Database:
+        if settings.engine is not None:
+            engine, owns = settings.engine, False
+            if engine.dialect.name == "sqlite":
+                _setup_sqlite(engine, settings)
+        else:
+            engine, owns = create_engine(settings), True
+        dialect = engine.dialect.name
+        if dialect not in ("postgresql", "sqlite"):
+            raise TaskletError(f"tasklet supports PostgreSQL and SQLite, not {dialect}")
+        # Schemas are a PostgreSQL notion; on SQLite the tables live in the file itself.
+        schema = settings.resolved_schema() if dialect == "postgresql" else None
+        if schema is not None and not _IDENTIFIER.fullmatch(schema):
+            raise TaskletError(f"schema must be a plain SQL identifier, not {schema!r}")
+        return cls(engine=engine, schema=schema, settings=settings, owns_engine=owns)
+
+    @property
+    def dialect(self) -> Dialect:
+        return "postgresql" if self.engine.dialect.name == "postgresql" else "sqlite"
+
+    @property
+    def display_url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    @property
+    def execution_options(self) -> dict[str, Any]:
+        """Options for every tasklet statement: maps the tables into the configured schema."""
+        if self.schema is None:
+            return {}
+        return {"schema_translate_map": {None: self.schema}}
+
+    @property
+    def notify_channel(self) -> str:
+        return "tasklet" if self.schema is None else f"tasklet_{self.schema}"
+
+    def dispose(self) -> None:
+        if self.owns_engine:
+            self.engine.dispose()
+
+    @contextlib.contextmanager
+    def translate_errors(self) -> Iterator[None]:
+        """Turn driver errors that have a known remedy into tasklet errors that name it."""
+        try:
+            yield
+        except exc.DBAPIError as error:
+            raise self._translated(error) from error
+
+    def _translated(self, error: exc.DBAPIError) -> Exception:
+        text = str(error.orig)
+        sqlstate = getattr(error.orig, "sqlstate", None)
+        if sqlstate == "42P01" or "no such table" in text:
+            where = f" (schema {self.schema})" if self.schema else ""
+            return SchemaMissingError(
+                f"tasklet's tables are missing in {self.display_url}{where}: {_MIGRATE_HINT}"
+            )
+        if error.connection_invalidated or (
+            isinstance(error, exc.OperationalError)
+            and ("connect" in text or "unable to open" in text)
+        ):
+            return DatabaseUnavailableError(
+                f"cannot reach the database at {self.display_url}: {text.strip()} "
+                f"(check TASKLET_DATABASE_URL or tasklet.configure())"
+            )
+        return error
+
+    @contextlib.contextmanager
+    def begin(self, *, read_only: bool = False) -> Iterator[Connection]:
+        """A transaction on a pooled connection; SQLite writers hold the write lock throughout."""
+        with self.translate_errors():
+            options = {_READ_ONLY: True} if read_only else {}
+            with self.engine.connect().execution_options(**options) as conn, conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def autocommit(self) -> Iterator[Connection]:
+        """A connection whose every statement commits on its own (one round trip each)."""
+        with self.translate_errors():
+            if self.dialect == "sqlite":
+                with self.begin() as conn:
+                    yield conn
+                return
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                yield conn

@@ -1,0 +1,48 @@
+"""What a running job may know about itself."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from dataclasses import dataclass, field
+
+__all__ = ["JobContext"]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Handed to a job function that declares a parameter annotated ``JobContext``.
+
+    The parameter is filled by tasklet and is not one of the deferred arguments::
+
+        @job(queue="email")
+        async def sync_contacts(ctx: JobContext, account_id: int) -> dict: ...
+
+        sync_contacts.defer(account_id=7)
+
+    Called directly (``sync_contacts(account_id=7)`` in a unit test), the job
+    gets an inline context whose ``job_id`` is ``None``.
+    """
+
+    job_id: int | None
+    name: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    scheduled_at: dt.datetime | None
+    worker_id: str | None
+    _cancel: threading.Event | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_last_attempt(self) -> bool:
+        return self.attempt >= self.max_attempts
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the worker wants this attempt to stop (timeout or shutdown).
+
+        Async jobs are cancelled at their next ``await``; sync jobs cannot be
+        interrupted from outside their thread, so a long sync job should check
+        this between steps and return early.
+        """
+        return self._cancel is not None and self._cancel.is_set()

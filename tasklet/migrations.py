@@ -1,0 +1,109 @@
+"""Apply tasklet's Alembic migrations, from a clone or from an installed package.
+
+The scripts live in the repository's top-level ``alembic/`` folder; the wheel
+carries a copy as ``tasklet/_alembic``. Both record their progress in
+``tasklet_alembic_version``, never in the application's ``alembic_version``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from sqlalchemy.engine import Connection
+
+from . import _config
+from ._database import Database
+from .schema import TABLE_NAMES, VERSION_TABLE, metadata
+
+__all__ = ["downgrade", "script_location", "upgrade"]
+
+_PACKAGED = Path(__file__).parent / "_alembic"
+_SOURCE = Path(__file__).parent.parent / "alembic"
+# Any constant works: it only has to be the same in every process that migrates.
+_PG_LOCK_KEY = 0x7461736B6C6574
+
+
+def script_location() -> Path:
+    """The folder of tasklet's migration scripts: the packaged copy, else the clone's."""
+    for candidate in (_PACKAGED, _SOURCE):
+        if (candidate / "env.py").exists():
+            return candidate
+    raise FileNotFoundError(
+        f"tasklet's migrations are missing: looked in {_PACKAGED} and {_SOURCE}"
+    )
+
+
+def alembic_config(db: Database, connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(script_location()))
+    config.attributes["tasklet_database"] = db
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def upgrade(revision: str = "head", *, database: Database | None = None) -> None:
+    """Create or update tasklet's tables in the configured database (``tasklet migrate``)."""
+    db = database or _config.database()
+    with _migration_connection(db) as conn:
+        command.upgrade(alembic_config(db, conn), revision)
+
+
+def downgrade(revision: str = "base", *, database: Database | None = None) -> None:
+    """Undo tasklet's migrations down to ``revision`` (``base`` drops every table)."""
+    db = database or _config.database()
+    with _migration_connection(db) as conn:
+        command.downgrade(alembic_config(db, conn), revision)
+
+
+@contextlib.contextmanager
+def _migration_connection(db: Database) -> Iterator[Connection]:
+    """One transaction for the whole migration, in tasklet's schema, one migrator at a time."""
+    with db.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_LOCK_KEY})")
+            if db.schema is not None:
+                conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{db.schema}"')
+                conn.exec_driver_sql(f'SET LOCAL search_path TO "{db.schema}"')
+        yield conn
+
+
+def _include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """Autogenerate looks at tasklet's own tables only, never the application's."""
+    if type_ == "table":
+        return name in TABLE_NAMES
+    table = getattr(obj, "table", None)
+    return table is None or table.name in TABLE_NAMES
+
+
+def run_env(context: EnvironmentContext) -> None:
+    """The body of ``alembic/env.py``: run the migrations on the connection given or configured."""
+    config = context.config
+    connection: Connection | None = config.attributes.get("connection")
+    if connection is None:
+        db: Database = config.attributes.get("tasklet_database") or _config.database()
+        with _migration_connection(db) as conn:
+            _run(context, conn, db)
+        return
+    _run(context, connection, config.attributes["tasklet_database"])
+
+
+def _run(context: EnvironmentContext, connection: Connection, db: Database) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        version_table=VERSION_TABLE,
+        include_object=_include_object,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
