@@ -17,10 +17,14 @@ from .errors import (
     SerializationError,
     TaskletError,
 )
+from .hooks import after_failure, after_success, before_perform
 from .migrations import downgrade, upgrade
+from .retry import Abort, Retry
 from .schema import metadata
+from .worker import Worker, WorkerSettings
 
 __all__ = [
+    "Abort",
     "DatabaseUnavailableError",
     "Deferrer",
     "Job",
@@ -28,10 +32,16 @@ __all__ = [
     "JobDefinitionError",
     "JobHandle",
     "PayloadTooLargeError",
+    "Retry",
     "SchemaMissingError",
     "SerializationError",
     "Settings",
     "TaskletError",
+    "Worker",
+    "WorkerSettings",
+    "after_failure",
+    "after_success",
+    "before_perform",
     "configure",
     "downgrade",
     "job",

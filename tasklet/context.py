@@ -31,6 +31,8 @@ class JobContext:
     max_attempts: int
     scheduled_at: dt.datetime | None
     worker_id: str | None
+    #: In ``after_failure`` hooks: whether the job will be attempted again.
+    will_retry: bool | None = None
     _cancel: threading.Event | None = field(default=None, repr=False, compare=False)
 
     @property

@@ -55,7 +55,8 @@ metadata = sa.MetaData(
 
 # SQLite only aliases the rowid (cheap, monotonic ids) for a column typed exactly INTEGER.
 _Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-_Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+# none_as_null: a Python None is SQL NULL (not the JSON text "null"), as the CHECKs expect.
+_Json = sa.JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True), "postgresql")
 _Time = sa.DateTime(timezone=True)
 
 

@@ -1,0 +1,106 @@
+"""How an idle worker hears of new jobs without waiting for its next poll.
+
+* PostgreSQL: enqueue sends ``pg_notify`` in its transaction; a listener thread
+  on its own connection LISTENs and wakes the worker. It reconnects after a
+  lost connection and then wakes the worker anyway, for what it missed.
+* SQLite has no notifications: every commit appends to the ``-wal`` file, so a
+  worker checks that file's size and time every few milliseconds (a ``stat``,
+  no query) and looks for jobs only when it changed.
+* In one process, a defer wakes that process's workers at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+log = logging.getLogger("tasklet.worker")
+
+Wake = Callable[[str | None], None]
+
+_lock = threading.Lock()
+_local: dict[str, set[Wake]] = {}
+
+
+def subscribe(key: str, wake: Wake) -> Callable[[], None]:
+    """Call ``wake(queue)`` when this process defers a job into database ``key``."""
+    with _lock:
+        _local.setdefault(key, set()).add(wake)
+
+    def unsubscribe() -> None:
+        with _lock:
+            _local.get(key, set()).discard(wake)
+
+    return unsubscribe
+
+
+def publish(key: str, queues: Iterable[str]) -> None:
+    with _lock:
+        wakes = list(_local.get(key, ()))
+    for wake in wakes:
+        for queue in queues:
+            wake(queue)
+
+
+class PostgresListener(threading.Thread):
+    """LISTENs on its own connection; calls ``wake(queue)`` for each notification."""
+
+    def __init__(self, conninfo: str, channel: str, wake: Wake, *, check_s: float = 1.0) -> None:
+        super().__init__(name="tasklet-listener", daemon=True)
+        self._conninfo = conninfo
+        self._channel = channel
+        self._wake = wake
+        self._check_s = check_s
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        import psycopg
+
+        retry_s = 0.1
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                    conn.execute(f'LISTEN "{self._channel}"')
+                    self.connected.set()
+                    retry_s = 0.1
+                    # Whatever was sent while we were not listening.
+                    self._wake(None)
+                    while not self._stop.is_set():
+                        for notice in conn.notifies(timeout=self._check_s):
+                            self._wake(notice.payload)
+            except Exception as exc:
+                self.connected.clear()
+                if self._stop.is_set():
+                    return
+                log.warning(
+                    "listener lost its connection (%s); reconnecting in %.1fs", exc, retry_s
+                )
+                self._stop.wait(retry_s)
+                retry_s = min(retry_s * 2, 5.0)
+
+
+class SqliteWatcher:
+    """Tells whether the database's write-ahead log changed since the last look."""
+
+    def __init__(self, database_path: str) -> None:
+        self._wal = Path(f"{database_path}-wal")
+        self._last = self._signature()
+
+    def _signature(self) -> tuple[int, int]:
+        try:
+            stat = os.stat(self._wal)
+        except FileNotFoundError:
+            return (0, 0)
+        return (stat.st_size, stat.st_mtime_ns)
+
+    def changed(self) -> bool:
+        now = self._signature()
+        changed, self._last = now != self._last, now
+        return changed

@@ -1,0 +1,569 @@
+"""The worker: claims due jobs, runs them, records every attempt, and stops cleanly.
+
+One event loop (anyio on asyncio) runs one claim loop, the attempts (async
+jobs on the loop, sync jobs in threads), and a flusher that writes finished
+attempts in batches. A separate thread, the lifeline, heartbeats and rescues
+the jobs of dead workers, so a job that blocks the loop cannot make this
+worker look dead.
+
+>>> from tasklet import Worker, WorkerSettings
+>>> Worker(WorkerSettings(queues=("email",), concurrency=8)).run_sync()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from . import _config, _registry, _wakeup, storage
+from ._database import Database
+from ._executor import Attempt, Executor, Outcome
+from .errors import TaskletError
+
+__all__ = ["Worker", "WorkerSettings"]
+
+log = logging.getLogger("tasklet.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker behaves. Every duration is in seconds."""
+
+    #: Queues to take jobs from; empty takes every queue.
+    queues: tuple[str, ...] = ()
+    #: Attempts run at once by this process (async and sync jobs alike).
+    concurrency: int = 10
+    #: A worker whose heartbeat is older than this is dead; its jobs are rescued.
+    lost_after_s: float = 30.0
+    heartbeat_s: float = 5.0
+    #: How often each worker looks for dead workers' jobs and unknown job names.
+    sweep_s: float = 10.0
+    #: A job lost with its worker this many times is failed, not retried.
+    max_lost: int = 3
+    #: On shutdown, how long running jobs may take before they are put back.
+    grace_s: float = 30.0
+    #: Safety-net poll, for scheduled jobs and missed notifications.
+    poll_s: float = 2.0
+    #: SQLite has no notifications: how often the worker looks at the write-ahead log.
+    sqlite_check_s: float = 0.005
+    #: Finished attempts are written together: at most this many, after at most this long.
+    flush_max: int = 500
+    flush_window_s: float = 0.002
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if self.heartbeat_s * 3 > self.lost_after_s:
+            raise ValueError(
+                "heartbeat_s must be at most a third of lost_after_s, or a busy "
+                "database could make a live worker look dead"
+            )
+
+
+@dataclass
+class WorkerStats:
+    """What a worker did while it ran: attempts by outcome."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return sum(self.outcomes.values())
+
+
+def _unknown_job_message(name: str) -> str:
+    module = name.rpartition(".")[0] or name
+    return (
+        f"no running worker knows the job {name!r}: add the module that defines it "
+        f"(probably {module!r}) to [tool.tasklet] imports in pyproject.toml, to "
+        "TASKLET_IMPORTS, or pass `tasklet worker --import MODULE`"
+    )
+
+
+class Worker:
+    """Runs the jobs registered in this process. See :class:`WorkerSettings`."""
+
+    def __init__(
+        self, settings: WorkerSettings | None = None, *, database: Database | None = None
+    ) -> None:
+        self.settings = settings or WorkerSettings()
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stats = WorkerStats()
+        self._db = database
+        self._queues = self.settings.queues or None
+        self._names: list[str] = []
+        self._in_flight = 0
+        self._attempts: dict[int, Attempt] = {}
+        self._pending: list[storage.Completion] = []
+        self._maybe_due = True
+        self._next_due: float | None = None
+        self._stopping = False
+        self._force = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = anyio.Event()
+        self._flushed = anyio.Event()
+        self._pending_ready = anyio.Event()
+        self._flush_lock = anyio.Lock()
+        #: Set once the worker is registered and taking jobs.
+        self.started = threading.Event()
+        #: Set while the worker waits with nothing due (for tests and embedding apps).
+        self.idle = threading.Event()
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            self._db = _config.database()
+        return self._db
+
+    # ---------------------------------------------------------------- control
+
+    def stop(self, *, force: bool = False) -> None:
+        """Ask the worker to stop, from any thread: finish running jobs (or not, with force)."""
+        loop = self._loop
+        if loop is None:
+            self._stopping = True
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has already closed
+            loop.call_soon_threadsafe(self._request_stop, force)
+
+    def _request_stop(self, force: bool) -> None:
+        self._stopping = True
+        if force:
+            self._force = True
+            for attempt in self._attempts.values():
+                attempt.interrupt()
+        self._wake.set()
+
+    def _wake_threadsafe(self, queue: str | None) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has already closed
+            loop.call_soon_threadsafe(self._on_wake, queue)
+
+    def _on_wake(self, queue: str | None) -> None:
+        if queue is None or self._queues is None or queue in self._queues:
+            self._maybe_due = True
+            self._wake.set()
+
+    # ------------------------------------------------------------------- run
+
+    def run_sync(self, *, drain: bool = False, handle_signals: bool = False) -> WorkerStats:
+        """Run the worker on a new event loop until stopped (or, with ``drain``, until idle)."""
+        return anyio.run(self._main, drain, handle_signals, backend="asyncio")
+
+    async def _main(self, drain: bool, handle_signals: bool) -> WorkerStats:
+        if not handle_signals:
+            return await self.run(drain=drain)
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._handle_signals)
+            stats = await self.run(drain=drain)
+            group.cancel_scope.cancel()
+        return stats
+
+    async def _handle_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if not self._stopping:
+                    log.info(
+                        "%s: stopping; running jobs have %gs to finish (signal again to stop now)",
+                        signal.Signals(signum).name,
+                        self.settings.grace_s,
+                    )
+                    self._request_stop(force=False)
+                else:
+                    log.warning("stopping now; unfinished jobs go back to the queue")
+                    self._request_stop(force=True)
+
+    async def run(self, *, drain: bool = False) -> WorkerStats:
+        """Run until :meth:`stop` (or, with ``drain``, until no job is due), then clean up.
+
+        Jobs still running at the end of the grace period are interrupted and
+        put back in the queue; nothing is lost.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._names = _registry.names()
+        db = self.db
+        await anyio.to_thread.run_sync(self._register)
+        lifeline = _Lifeline(self)
+        listener = self._listener() if not drain else None
+        unsubscribe = _wakeup.subscribe(db.wake_key, self._wake_threadsafe)
+        lifeline.start()
+        if listener is not None:
+            listener.start()
+        log.info(
+            "worker %s started: queues %s, concurrency %d, jobs %s",
+            self.id,
+            ", ".join(self.settings.queues) or "(all)",
+            self.settings.concurrency,
+            ", ".join(self._names) or "(none)",
+        )
+        self.started.set()
+        try:
+            async with anyio.create_task_group() as group:
+                executor = Executor(group, anyio.CapacityLimiter(self.settings.concurrency))
+                group.start_soon(self._flush_loop)
+                if db.dialect == "sqlite" and not drain:
+                    group.start_soon(self._watch_sqlite)
+                await self._claim_loop(group, executor, drain)
+                await self._wind_down()
+                group.cancel_scope.cancel()
+        finally:
+            unsubscribe()
+            lifeline.stop()
+            if listener is not None:
+                listener.stop()
+            await anyio.to_thread.run_sync(self._unregister)
+            log.info("worker %s stopped: %s", self.id, dict(self.stats.outcomes) or "no jobs")
+        return self.stats
+
+    def _register(self) -> None:
+        storage.worker_register(
+            self.db,
+            worker_id=self.id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=self.settings.queues,
+            concurrency=self.settings.concurrency,
+        )
+
+    def _unregister(self) -> None:
+        try:
+            storage.worker_unregister(self.db, self.id)
+        except TaskletError as exc:
+            log.warning("could not remove worker %s from the workers table: %s", self.id, exc)
+
+    def _listener(self) -> _wakeup.PostgresListener | None:
+        db = self.db
+        if db.dialect != "postgresql":
+            return None
+        url = db.engine.url.set(drivername="postgresql")
+        conninfo = url.render_as_string(hide_password=False)
+        return _wakeup.PostgresListener(conninfo, db.notify_channel, self._wake_threadsafe)
+
+    async def _watch_sqlite(self) -> None:
+        path = self.db.engine.url.database
+        if not path or path == ":memory:":
+            return
+        watcher = _wakeup.SqliteWatcher(path)
+        while True:
+            await anyio.sleep(self.settings.sqlite_check_s)
+            if watcher.changed() and not self._maybe_due:
+                self._on_wake(None)
+
+    # ------------------------------------------------------------ claim loop
+
+    async def _claim_loop(
+        self, group: anyio.abc.TaskGroup, executor: Executor, drain: bool
+    ) -> None:
+        while not self._stopping:
+            free = self.settings.concurrency - self._in_flight
+            if free > 0 and self._maybe_due:
+                await self._claim(group, executor, free, drain)
+                continue
+            if drain and not self._maybe_due and self._in_flight == 0:
+                await self._flush_all()
+                if not self._maybe_due:
+                    return
+                continue
+            await self._idle()
+
+    async def _claim(
+        self, group: anyio.abc.TaskGroup, executor: Executor, free: int, drain: bool
+    ) -> None:
+        try:
+            rows = await anyio.to_thread.run_sync(self._claim_rows, free)
+        except TaskletError as exc:
+            if drain:
+                raise
+            log.warning("could not claim jobs (%s); trying again in %gs", exc, self.settings.poll_s)
+            self._maybe_due = False
+            self._next_due = None
+            return
+        for row in rows:
+            self._start(group, executor, row)
+        if len(rows) < free:
+            # Nothing more is due now: sleep until the next scheduled job, or a wake-up.
+            self._maybe_due = False
+            due_in = await anyio.to_thread.run_sync(self._due_in)
+            self._next_due = None if due_in is None else anyio.current_time() + due_in
+
+    def _claim_rows(self, limit: int) -> list[storage.JobRow]:
+        return storage.jobs_claim(
+            self.db, worker_id=self.id, queues=self._queues, names=self._names, limit=limit
+        )
+
+    def _due_in(self) -> float | None:
+        """Seconds until the next queued job of this worker's is due (None: none queued)."""
+        due = storage.jobs_next_due(self.db, queues=self._queues, names=self._names)
+        return None if due is None else (due - storage.utcnow()).total_seconds()
+
+    async def _idle(self) -> None:
+        timeout = self.settings.poll_s
+        if self._next_due is not None and not self._maybe_due:
+            timeout = max(0.0, min(timeout, self._next_due - anyio.current_time()))
+        if not self._maybe_due and self._in_flight == 0:
+            self.idle.set()
+        with anyio.move_on_after(timeout) as waited:
+            await self._wake.wait()
+        self.idle.clear()
+        self._wake = anyio.Event()
+        if waited.cancelled_caught:
+            self._maybe_due = True
+
+    # --------------------------------------------------------------- attempts
+
+    def _start(self, group: anyio.abc.TaskGroup, executor: Executor, row: storage.JobRow) -> None:
+        job = _registry.get(row.name)
+        if job is None:  # unregistered since the claim began: give it back untouched
+            self._settle_released(row)
+            return
+        attempt = Attempt(row=row, job=job, worker_id=self.id)
+        self._in_flight += 1
+        self._attempts[row.id] = attempt
+        group.start_soon(self._run_attempt, executor, attempt)
+
+    async def _run_attempt(self, executor: Executor, attempt: Attempt) -> None:
+        row = attempt.row
+        log.info(
+            "job %d %s attempt %d/%d started", row.id, row.name, row.attempts, row.max_attempts
+        )
+        began = time.perf_counter()
+        try:
+            outcome = await executor.perform(attempt)
+            self._attempts.pop(row.id, None)
+            self._settle(attempt, outcome)
+            _log_outcome(row, outcome, time.perf_counter() - began)
+            if outcome.thread_done is not None:
+                # The attempt is over, but its thread still runs: the slot stays taken.
+                await outcome.thread_done.wait()
+        finally:
+            self._attempts.pop(row.id, None)
+            self._in_flight -= 1
+            self._wake.set()
+
+    def _settle(self, attempt: Attempt, outcome: Outcome) -> None:
+        row = attempt.row
+        step = outcome.step
+        self.stats.outcomes[outcome.kind] += 1
+        interrupted = outcome.kind == "interrupted"
+        self._push(
+            storage.Completion(
+                job_id=row.id,
+                lease=row.lease,
+                attempt=row.attempts,
+                worker_id=self.id,
+                status="succeeded" if step is None else step.status,
+                outcome=outcome.kind,
+                started_at=outcome.started_at,
+                finished_at=outcome.finished_at,
+                delay_s=0.0 if step is None else step.delay_s,
+                refund=interrupted,
+                error=outcome.error_text,
+                traceback=None if interrupted else outcome.traceback_text,
+                result=outcome.result,
+            )
+        )
+
+    def _settle_released(self, row: storage.JobRow) -> None:
+        """A claimed job that never started goes back without using an attempt or a run row."""
+        now = storage.utcnow()
+        self._push(
+            storage.Completion(
+                job_id=row.id,
+                lease=row.lease,
+                attempt=row.attempts,
+                worker_id=self.id,
+                status="queued",
+                outcome="interrupted",
+                started_at=None,
+                finished_at=now,
+                refund=True,
+                record=False,
+            )
+        )
+
+    def _push(self, completion: storage.Completion) -> None:
+        self._pending.append(completion)
+        self._pending_ready.set()
+
+    # ------------------------------------------------------------- flushing
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._pending_ready.wait()
+            self._pending_ready = anyio.Event()
+            if len(self._pending) < self.settings.flush_max:
+                # A short window lets the attempts that finish together share one write.
+                await anyio.sleep(self.settings.flush_window_s)
+            await self._flush_once()
+
+    async def _flush_all(self, deadline_s: float | None = None) -> None:
+        with anyio.move_on_after(deadline_s):
+            while self._pending:
+                await self._flush_once()
+        if self._pending:
+            log.error(
+                "could not record %d finished attempts before stopping; their jobs will be "
+                "rescued as lost and run again",
+                len(self._pending),
+            )
+
+    async def _flush_once(self) -> None:
+        async with self._flush_lock:
+            batch = self._pending[: self.settings.flush_max]
+            if not batch:
+                return
+            retry_s = 0.05
+            while True:
+                try:
+                    applied = await anyio.to_thread.run_sync(storage.jobs_finish, self.db, batch)
+                    break
+                except TaskletError as exc:
+                    # Never drop a result: the job would stay "running" under a live worker.
+                    log.warning(
+                        "could not record finished jobs (%s); retrying in %.2fs", exc, retry_s
+                    )
+                    await anyio.sleep(retry_s)
+                    retry_s = min(retry_s * 2, 2.0)
+            del self._pending[: len(batch)]
+        for completion in batch:
+            if completion.job_id not in applied:
+                log.warning(
+                    "job %d: this worker's result (%s) was not recorded: the job was given to "
+                    "another worker after this one was presumed dead (lease %d)",
+                    completion.job_id,
+                    completion.outcome,
+                    completion.lease,
+                )
+            elif completion.status == "queued" and completion.delay_s <= 0:
+                self._on_wake(None)
+        if self._pending:
+            self._pending_ready.set()
+
+    # --------------------------------------------------------------- shutdown
+
+    async def _wind_down(self) -> None:
+        """Let running jobs finish within the grace period, then put the rest back."""
+        grace = 0.0 if self._force else self.settings.grace_s
+        with anyio.move_on_after(grace):
+            while self._attempts:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+        for attempt in list(self._attempts.values()):
+            attempt.interrupt()
+        with anyio.move_on_after(max(1.0, self.settings.grace_s)):
+            while self._attempts:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+        await self._flush_all(deadline_s=30.0)
+
+
+def _log_outcome(row: storage.JobRow, outcome: Outcome, seconds: float) -> None:
+    step = outcome.step
+    if outcome.kind == "succeeded":
+        log.info("job %d %s attempt %d succeeded in %.3fs", row.id, row.name, row.attempts, seconds)
+    elif outcome.kind == "interrupted":
+        log.info(
+            "job %d %s attempt %d interrupted; back in the queue", row.id, row.name, row.attempts
+        )
+    elif step is not None and step.will_retry:
+        log.warning(
+            "job %d %s attempt %d/%d %s in %.3fs: %s; retry in %.1fs",
+            row.id,
+            row.name,
+            row.attempts,
+            row.max_attempts,
+            outcome.kind.replace("_", " "),
+            seconds,
+            outcome.error_text,
+            step.delay_s,
+        )
+    else:
+        log.error(
+            "job %d %s attempt %d/%d %s in %.3fs, no retry: %s",
+            row.id,
+            row.name,
+            row.attempts,
+            row.max_attempts,
+            outcome.kind.replace("_", " "),
+            seconds,
+            outcome.error_text,
+            exc_info=outcome.error,
+        )
+
+
+class _Lifeline(threading.Thread):
+    """Heartbeats, and sweeps for dead workers' jobs, on its own thread and connection."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(name="tasklet-lifeline", daemon=True)
+        self._worker = worker
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        settings = self._worker.settings
+        next_sweep = 0.0
+        while not self._stop_event.is_set():
+            self._beat()
+            if time.monotonic() >= next_sweep:
+                self._sweep()
+                next_sweep = time.monotonic() + settings.sweep_s
+            self._stop_event.wait(min(settings.heartbeat_s, settings.sweep_s))
+
+    def _beat(self) -> None:
+        worker = self._worker
+        try:
+            if not storage.worker_heartbeat(worker.db, worker.id):
+                log.warning(
+                    "worker %s was presumed dead by another worker; registering again "
+                    "(results of jobs it lost will not be recorded)",
+                    worker.id,
+                )
+                worker._register()
+        except Exception as exc:
+            log.warning("heartbeat failed: %s", exc)
+
+    def _sweep(self) -> None:
+        worker = self._worker
+        settings = worker.settings
+        try:
+            lost = storage.jobs_rescue(
+                worker.db, lost_after_s=settings.lost_after_s, max_lost=settings.max_lost
+            )
+            for row in lost:
+                log.warning(
+                    "job %d %s attempt %d was lost with worker %s; rescued",
+                    row.id,
+                    row.name,
+                    row.attempts,
+                    row.locked_by,
+                )
+            if lost:
+                worker._wake_threadsafe(None)
+            flagged = storage.jobs_flag_unknown(
+                worker.db,
+                queues=worker._queues,
+                known=worker._names,
+                message=_unknown_job_message,
+            )
+            for name in flagged:
+                log.warning("%s", _unknown_job_message(name))
+        except Exception as exc:
+            log.warning("sweep failed: %s", exc)
