@@ -19,6 +19,7 @@ from .errors import (
 )
 from .hooks import after_failure, after_success, before_perform
 from .migrations import downgrade, upgrade
+from .queries import JobRow, RunRow, get_job, get_runs
 from .retry import Abort, Retry
 from .schema import metadata
 from .worker import Worker, WorkerSettings
@@ -31,8 +32,10 @@ __all__ = [
     "JobContext",
     "JobDefinitionError",
     "JobHandle",
+    "JobRow",
     "PayloadTooLargeError",
     "Retry",
+    "RunRow",
     "SchemaMissingError",
     "SerializationError",
     "Settings",
@@ -44,6 +47,8 @@ __all__ = [
     "before_perform",
     "configure",
     "downgrade",
+    "get_job",
+    "get_runs",
     "job",
     "metadata",
     "upgrade",

@@ -2,9 +2,10 @@
 
 JSON payloads stay readable in the database. Values JSON cannot carry exactly
 (datetime, date, time, timedelta, UUID, Decimal, bytes, Enum, tuple, set, dicts
-with non-string keys) are written as ``{"__tasklet__": TAG, "v": ...}`` and come
-back as the same type. Decoding never imports anything: an Enum is looked up
-among modules that are already loaded (the job's own module references it).
+with non-string keys, floats jsonb would alter, strings holding NUL) are written
+as ``{"__tasklet__": TAG, "v": ...}`` and come back as the same type. Decoding
+never imports anything: an Enum is looked up among modules that are already
+loaded (the job's own module references it).
 """
 
 from __future__ import annotations
@@ -52,12 +53,22 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
     "decimal": Decimal,
     "bytes": lambda v: base64.b64decode(v),
     "float": float,
+    "str": "\x00".join,
 }
 
 
+def _exact_in_jsonb(value: float) -> bool:
+    """PostgreSQL's jsonb keeps numbers as ``numeric``: NaN and infinities are refused,
+    ``-0.0`` loses its sign and ``1e+16`` comes back as the integer 10000000000000000."""
+    return math.isfinite(value) and "e" not in repr(value) and math.copysign(1.0, value) > 0
+
+
 def _encode(value: Any, path: str) -> Any:
-    if value is None or isinstance(value, bool | str):
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, str):
+        # jsonb refuses the NUL character: carry such a string as its NUL-separated parts.
+        return value if "\x00" not in value else {TAG: "str", "v": value.split("\x00")}
     if isinstance(value, enum.Enum):
         cls = type(value)
         return {
@@ -67,8 +78,7 @@ def _encode(value: Any, path: str) -> Any:
     if isinstance(value, int):
         return value
     if isinstance(value, float):
-        # NaN and infinities are not JSON (PostgreSQL's jsonb rejects them).
-        return value if math.isfinite(value) else {TAG: "float", "v": repr(value)}
+        return value if _exact_in_jsonb(value) else {TAG: "float", "v": repr(value)}
     encoder = _SIMPLE_ENCODERS.get(type(value))
     if encoder is not None:
         tag, fn = encoder
@@ -81,7 +91,7 @@ def _encode(value: Any, path: str) -> Any:
         tag = "frozenset" if isinstance(value, frozenset) else "set"
         return {TAG: tag, "v": [_encode(v, f"{path}{{}}") for v in value]}
     if isinstance(value, dict):
-        if all(isinstance(k, str) for k in value) and TAG not in value:
+        if all(isinstance(k, str) and "\x00" not in k for k in value) and TAG not in value:
             return {k: _encode(v, f"{path}[{k!r}]") for k, v in value.items()}
         return {
             TAG: "dict",
@@ -190,3 +200,11 @@ def _check_size(size: int, max_bytes: int) -> None:
             "data elsewhere and pass a reference, or raise max_payload_bytes in "
             "tasklet.configure()"
         )
+
+
+def encode_result(value: Any) -> Any:
+    """A job's return value for ``job_runs.result``, or None where JSON cannot carry it."""
+    try:
+        return _encode(value, "result")
+    except SerializationError:
+        return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import re
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,6 +29,9 @@ Dialect = Literal["postgresql", "sqlite"]
 _READ_ONLY = "tasklet_read_only"
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _MIGRATE_HINT = "run `tasklet migrate` (or `alembic upgrade head` from a clone of tasklet)"
+#: SQLite engines that already carry tasklet's listeners: a shared engine handed to
+#: configure() again must not get a second "BEGIN IMMEDIATE" per transaction.
+_sqlite_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def normalize_url(raw: str | URL) -> URL:
@@ -41,6 +45,10 @@ def normalize_url(raw: str | URL) -> URL:
 
 
 def _setup_sqlite(engine: Engine, settings: Settings) -> None:
+    if engine in _sqlite_engines:
+        return
+    _sqlite_engines.add(engine)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Hand transaction control to SQLAlchemy's "begin" event below.
@@ -110,6 +118,11 @@ class Database:
         if self.schema is None:
             return {}
         return {"schema_translate_map": {None: self.schema}}
+
+    @property
+    def wake_key(self) -> str:
+        """Identifies this database among the workers of one process (see tasklet._wakeup)."""
+        return f"{self.engine.url.render_as_string(hide_password=True)}|{self.schema or ''}"
 
     @property
     def notify_channel(self) -> str:

@@ -26,15 +26,17 @@ import anyio.to_thread
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from . import _codec, _config, _registry, storage
+from . import _codec, _config, _registry, _wakeup, storage
 from .context import JobContext
 from .errors import JobDefinitionError, SerializationError
+from .hooks import Hooks
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 P = ParamSpec("P")
 R = TypeVar("R")
+H = TypeVar("H", bound=Callable[..., Any])
 
 Serializer = Literal["json", "pickle"]
 #: Seconds to wait before the next attempt: a number, or a function of the attempt that failed.
@@ -199,6 +201,8 @@ class Deferrer(Generic[P]):
             raise TypeError("an async connection or session needs the *_async methods")
         conn = None if connection is None else _sync_connection(connection)  # type: ignore[arg-type]
         ids = storage.jobs_insert(db, rows, conn)
+        if conn is None:  # committed: wake this process's idle workers now
+            _wakeup.publish(db.wake_key, {row.queue for row in rows})
         return [JobHandle(id=job_id, name=self._job.name) for job_id in ids]
 
     # ----------------------------------------------------------------- async
@@ -251,12 +255,15 @@ class Job(Deferrer[P], Generic[P, R]):
         options: EnqueueOptions,
         backoff: Backoff | None,
         serializer: Serializer,
+        no_retry: tuple[type[BaseException], ...] = (),
     ) -> None:
         super().__init__(self, options)
         functools.update_wrapper(self, func)
         self.func = func
         self.name = name
         self.backoff = backoff
+        self.no_retry = no_retry
+        self.hooks = Hooks()
         self.serializer: Serializer = serializer
         self.is_async = inspect.iscoroutinefunction(func)
         signature = inspect.signature(func)
@@ -284,6 +291,23 @@ class Job(Deferrer[P], Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<tasklet job {self.name!r} queue={self.queue!r}>"
+
+    # ---------------------------------------------------------------- hooks
+
+    def before_perform(self, hook: H) -> H:
+        """Register ``hook(ctx)`` to run before each attempt of this job (see tasklet.hooks)."""
+        self.hooks.before_perform.append(hook)
+        return hook
+
+    def after_success(self, hook: H) -> H:
+        """Register ``hook(ctx, result)`` to run after each successful attempt of this job."""
+        self.hooks.after_success.append(hook)
+        return hook
+
+    def after_failure(self, hook: H) -> H:
+        """Register ``hook(ctx, error)`` to run after each failed attempt (``ctx.will_retry``)."""
+        self.hooks.after_failure.append(hook)
+        return hook
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function inline, as if it were not decorated."""
@@ -390,6 +414,7 @@ def job(
     timeout: float | None = None,
     backoff: Backoff | None = None,
     serializer: Serializer = "json",
+    no_retry: tuple[type[BaseException], ...] = (),
 ) -> _JobDecorator: ...
 def job(
     func: Callable[..., Any] | None = None,
@@ -402,6 +427,7 @@ def job(
     timeout: float | None = None,
     backoff: Backoff | None = None,
     serializer: Serializer = "json",
+    no_retry: tuple[type[BaseException], ...] = (),
 ) -> Job[Any, Any] | _JobDecorator:
     """Register a function, sync or async, as a job type.
 
@@ -414,12 +440,16 @@ def job(
     ``name`` (default ``module.qualname``), ``timeout`` (seconds per attempt),
     ``backoff`` (seconds between attempts, or a function of the attempt number;
     default exponential with jitter), ``serializer`` (``"json"``, or
-    ``"pickle"`` for arguments JSON cannot carry).
+    ``"pickle"`` for arguments JSON cannot carry), ``no_retry`` (exception
+    types that fail the job at once instead of being retried).
     """
     options = EnqueueOptions(
         queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout
     )
-    _check_options(options)
+    try:
+        _check_options(options)
+    except ValueError as exc:  # a bad declaration, as opposed to a bad .options() call
+        raise JobDefinitionError(str(exc)) from None
     if serializer not in ("json", "pickle"):
         raise JobDefinitionError(f"serializer must be 'json' or 'pickle', not {serializer!r}")
     if (
@@ -436,7 +466,12 @@ def job(
             raise JobDefinitionError(f"@job decorates a function, not {fn!r}")
         job_name = name or _default_name(fn)
         created: Job[Any, Any] = Job(
-            fn, name=job_name, options=options, backoff=backoff, serializer=serializer
+            fn,
+            name=job_name,
+            options=options,
+            backoff=backoff,
+            serializer=serializer,
+            no_retry=tuple(no_retry),
         )
         _registry.register(created)
         return created

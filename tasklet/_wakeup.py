@@ -48,14 +48,20 @@ def publish(key: str, queues: Iterable[str]) -> None:
 class PostgresListener(threading.Thread):
     """LISTENs on its own connection; calls ``wake(queue)`` for each notification."""
 
-    def __init__(self, conninfo: str, channel: str, wake: Wake, *, check_s: float = 1.0) -> None:
+    def __init__(
+        self, conninfo: str, channel: str, wake: Wake, *, name: str, check_s: float = 1.0
+    ) -> None:
         super().__init__(name="tasklet-listener", daemon=True)
+        #: Shown as the connection's application_name in pg_stat_activity.
+        self.application_name = name[:63]
         self._conninfo = conninfo
         self._channel = channel
         self._wake = wake
         self._check_s = check_s
         self._stop = threading.Event()
         self.connected = threading.Event()
+        #: How many times the listener has connected (more than 1: it reconnected).
+        self.connections = 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -66,8 +72,11 @@ class PostgresListener(threading.Thread):
         retry_s = 0.1
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True) as conn:
+                with psycopg.connect(
+                    self._conninfo, autocommit=True, application_name=self.application_name
+                ) as conn:
                     conn.execute(f'LISTEN "{self._channel}"')
+                    self.connections += 1
                     self.connected.set()
                     retry_s = 0.1
                     # Whatever was sent while we were not listening.

@@ -8,13 +8,17 @@ carries a copy as ``tasklet/_alembic``. Both record their progress in
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import alembic.context
+import alembic.op
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
 from . import _config
@@ -50,16 +54,55 @@ def alembic_config(db: Database, connection: Connection | None = None) -> Config
 
 def upgrade(revision: str = "head", *, database: Database | None = None) -> None:
     """Create or update tasklet's tables in the configured database (``tasklet migrate``)."""
-    db = database or _config.database()
-    with _migration_connection(db) as conn:
-        command.upgrade(alembic_config(db, conn), revision)
+    _apply(command.upgrade, revision, database)
 
 
 def downgrade(revision: str = "base", *, database: Database | None = None) -> None:
     """Undo tasklet's migrations down to ``revision`` (``base`` drops every table)."""
+    _apply(command.downgrade, revision, database)
+
+
+class Outcome(NamedTuple):
+    """Where a migration started and ended (None: no tasklet tables), and the latest revision."""
+
+    before: str | None
+    after: str | None
+    head: str | None
+
+
+def _apply(run: Callable[[Config, str], None], revision: str, database: Database | None) -> Outcome:
     db = database or _config.database()
-    with _migration_connection(db) as conn:
-        command.downgrade(alembic_config(db, conn), revision)
+    with _outer_alembic_kept(), _migration_connection(db) as conn:
+        config = alembic_config(db, conn)
+        before = _current_revision(conn)
+        run(config, revision)
+        after = _current_revision(conn)
+    return Outcome(before, after, ScriptDirectory.from_config(config).get_current_head())
+
+
+@contextlib.contextmanager
+def _outer_alembic_kept() -> Iterator[None]:
+    """Let an application call :func:`upgrade` from its own Alembic ``env.py``.
+
+    ``alembic.context`` and ``alembic.op`` are process-wide proxies: the nested
+    run installs its own and, on leaving, clears them, which would break the
+    application's run that is still going on. Put the outer ones back.
+    """
+    outer = [
+        proxy
+        for module in (alembic.context, alembic.op)
+        if (proxy := getattr(module, "_proxy", None)) is not None
+    ]
+    try:
+        yield
+    finally:
+        for proxy in outer:
+            proxy._install_proxy()
+
+
+def _current_revision(conn: Connection) -> str | None:
+    context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+    return context.get_current_revision()
 
 
 @contextlib.contextmanager
@@ -88,15 +131,33 @@ def run_env(context: EnvironmentContext) -> None:
     """The body of ``alembic/env.py``: run the migrations on the connection given or configured."""
     config = context.config
     connection: Connection | None = config.attributes.get("connection")
-    if connection is None:
-        db: Database = config.attributes.get("tasklet_database") or _config.database()
-        with _migration_connection(db) as conn:
-            _run(context, conn, db)
+    if connection is not None:
+        _run(context, connection)
         return
-    _run(context, connection, config.attributes["tasklet_database"])
+    db: Database = config.attributes.get("tasklet_database") or _config.database()
+    if context.is_offline_mode():
+        _run_offline(context, db)
+        return
+    with _migration_connection(db) as conn:
+        _run(context, conn)
 
 
-def _run(context: EnvironmentContext, connection: Connection, db: Database) -> None:
+def _run_offline(context: EnvironmentContext, db: Database) -> None:
+    """``alembic upgrade head --sql``: print the SQL, in tasklet's schema, touching no database."""
+    context.configure(
+        url=db.engine.url,
+        version_table=VERSION_TABLE,
+        literal_binds=True,
+        render_as_batch=db.dialect == "sqlite",
+    )
+    with context.begin_transaction():
+        if db.schema is not None:
+            context.execute(f'CREATE SCHEMA IF NOT EXISTS "{db.schema}"')
+            context.execute(f'SET LOCAL search_path TO "{db.schema}"')
+        context.run_migrations()
+
+
+def _run(context: EnvironmentContext, connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,

@@ -178,7 +178,10 @@ def _pg_insert_statement() -> sa.Select[Any]:
 
 
 _PG_INSERT = _pg_insert_statement()
-_SQLITE_INSERT = sa.insert(jobs).returning(jobs.c.id, sort_by_parameter_order=True)
+# Rows are written in the order given and each takes the next rowid, under the write
+# lock: ascending ids are the input order (asking SQLAlchemy to sort would cost a
+# statement per row).
+_SQLITE_INSERT = sa.insert(jobs).returning(jobs.c.id)
 
 
 def _json_text(args: dict[str, Any] | None) -> str | None:
@@ -233,7 +236,7 @@ def _jobs_insert_on(db: Database, conn: Connection, new_jobs: Sequence[NewJob]) 
         for j in new_jobs
     ]
     result = conn.execute(_SQLITE_INSERT, rows, execution_options=options)
-    return [row[0] for row in result]
+    return sorted(row[0] for row in result)
 
 
 def _sqlite_time(value: dt.datetime) -> dt.datetime:

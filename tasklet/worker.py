@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -113,6 +114,8 @@ class Worker:
         self._stopping = False
         self._force = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: The LISTEN thread of a PostgreSQL worker, while it runs.
+        self.listener: _wakeup.PostgresListener | None = None
         self._wake = anyio.Event()
         self._flushed = anyio.Event()
         self._pending_ready = anyio.Event()
@@ -168,10 +171,11 @@ class Worker:
     async def _main(self, drain: bool, handle_signals: bool) -> WorkerStats:
         if not handle_signals:
             return await self.run(drain=drain)
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._handle_signals)
-            stats = await self.run(drain=drain)
-            group.cancel_scope.cancel()
+        with _single_errors():
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._handle_signals)
+                stats = await self.run(drain=drain)
+                group.cancel_scope.cancel()
         return stats
 
     async def _handle_signals(self) -> None:
@@ -199,7 +203,7 @@ class Worker:
         db = self.db
         await anyio.to_thread.run_sync(self._register)
         lifeline = _Lifeline(self)
-        listener = self._listener() if not drain else None
+        listener = self.listener = self._listener() if not drain else None
         unsubscribe = _wakeup.subscribe(db.wake_key, self._wake_threadsafe)
         lifeline.start()
         if listener is not None:
@@ -213,14 +217,8 @@ class Worker:
         )
         self.started.set()
         try:
-            async with anyio.create_task_group() as group:
-                executor = Executor(group, anyio.CapacityLimiter(self.settings.concurrency))
-                group.start_soon(self._flush_loop)
-                if db.dialect == "sqlite" and not drain:
-                    group.start_soon(self._watch_sqlite)
-                await self._claim_loop(group, executor, drain)
-                await self._wind_down()
-                group.cancel_scope.cancel()
+            with _single_errors():
+                await self._serve(drain)
         finally:
             unsubscribe()
             lifeline.stop()
@@ -229,6 +227,16 @@ class Worker:
             await anyio.to_thread.run_sync(self._unregister)
             log.info("worker %s stopped: %s", self.id, dict(self.stats.outcomes) or "no jobs")
         return self.stats
+
+    async def _serve(self, drain: bool) -> None:
+        async with anyio.create_task_group() as group:
+            executor = Executor(group, anyio.CapacityLimiter(self.settings.concurrency))
+            group.start_soon(self._flush_loop)
+            if self.db.dialect == "sqlite" and not drain:
+                group.start_soon(self._watch_sqlite)
+            await self._claim_loop(group, executor, drain)
+            await self._wind_down()
+            group.cancel_scope.cancel()
 
     def _register(self) -> None:
         storage.worker_register(
@@ -252,7 +260,9 @@ class Worker:
             return None
         url = db.engine.url.set(drivername="postgresql")
         conninfo = url.render_as_string(hide_password=False)
-        return _wakeup.PostgresListener(conninfo, db.notify_channel, self._wake_threadsafe)
+        return _wakeup.PostgresListener(
+            conninfo, db.notify_channel, self._wake_threadsafe, name=f"tasklet-listener {self.id}"
+        )
 
     async def _watch_sqlite(self) -> None:
         path = self.db.engine.url.database
@@ -470,6 +480,26 @@ class Worker:
                 await self._wake.wait()
                 self._wake = anyio.Event()
         await self._flush_all(deadline_s=30.0)
+
+
+@contextlib.contextmanager
+def _single_errors() -> Iterator[None]:
+    """Raise a task group's only error as itself, so callers can catch TaskletError."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            yield from _leaves(error)
+        else:
+            yield error
 
 
 def _log_outcome(row: storage.JobRow, outcome: Outcome, seconds: float) -> None:

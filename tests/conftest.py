@@ -118,6 +118,15 @@ def db(backend: Backend) -> Database:
     return _config.database()
 
 
+@pytest.fixture
+def pg_db(fresh_schema: str) -> Iterator[Database]:
+    """A migrated Postgres schema only: for behaviours SQLite does not have (LISTEN/NOTIFY)."""
+    Backend("postgres", POSTGRES_URL, fresh_schema).configure()
+    tasklet.upgrade()
+    yield _config.database()
+    tasklet.configure()
+
+
 @pytest.fixture(autouse=True)
 def _forget_test_jobs() -> Iterator[None]:
     """Jobs a test defines are unregistered after it, so names can be reused."""

@@ -386,14 +386,17 @@ def test_abort_and_no_retry_exceptions_fail_at_once(db: Database) -> None:
 
 
 def test_payload_that_does_not_decode_fails_without_retry(db: Database) -> None:
-    @job(name="t.pickled_elsewhere", serializer="pickle")
-    def takes_object(value: object) -> None: ...
+    class Opaque:
+        pass
 
-    handle = takes_object.defer(value=object())
+    @job(name="t.pickled_elsewhere", serializer="pickle")
+    def takes_object(value: Opaque) -> None: ...
+
+    handle = takes_object.defer(value=Opaque())
     tasklet._registry.unregister("t.pickled_elsewhere")
 
     @job(name="t.pickled_elsewhere")  # same name, now declared JSON: must refuse the pickle
-    def takes_json(value: object) -> None: ...
+    def takes_json(value: Opaque) -> None: ...
 
     drain()
 
@@ -505,3 +508,44 @@ def test_worker_registers_itself_while_running_and_leaves_on_stop(db: Database) 
     with BackgroundWorker(WorkerSettings(poll_s=60)) as worker:
         assert registered() == [worker.id]
     assert registered() == []
+
+
+def test_listener_reconnects_and_still_wakes_the_worker(pg_db: Database) -> None:
+    import sqlalchemy as sa
+
+    done = threading.Event()
+
+    @job(name="t.after_reconnect")
+    def ran() -> None:
+        done.set()
+
+    with BackgroundWorker(WorkerSettings(poll_s=600)) as worker:
+        listener = worker.listener
+        assert listener is not None and listener.connected.wait(10)
+        assert worker.idle.wait(10)
+        with pg_db.engine.begin() as conn:
+            killed = conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = :name"
+                ),
+                {"name": listener.application_name},
+            ).all()
+        assert killed == [(True,)]
+        wait_for(lambda: listener.connections >= 2 and listener.connected.is_set())
+        assert worker.idle.wait(10)
+        # Written by storage directly: no in-process wake-up, only NOTIFY can start it.
+        storage.jobs_insert(pg_db, [ran.new_row(ran._options, (), {})])
+        assert done.wait(10), "the reconnected listener did not wake the worker"
+
+
+def test_result_that_json_cannot_carry_is_recorded_as_null(db: Database) -> None:
+    @job(name="t.odd_result")
+    def odd() -> object:
+        return object()
+
+    handle = odd.defer()
+    drain()
+
+    (run,) = storage.job_runs_list(db, handle.id)
+    assert (run.outcome, run.result) == ("succeeded", None)

@@ -1,0 +1,316 @@
+"""Configuration, clear errors about the database, and SQLite set up for concurrent writers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import tasklet
+from tasklet import (
+    DatabaseUnavailableError,
+    SchemaMissingError,
+    _config,
+    job,
+    storage,
+)
+from tasklet._database import Database
+from tasklet.schema import jobs
+from tests.conftest import Backend
+
+REPO = Path(__file__).resolve().parent.parent
+
+sqlite_only = pytest.mark.parametrize("empty_backend", ["sqlite"], indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def _default_configuration_afterwards() -> Iterator[None]:
+    """Tests here reconfigure tasklet: put the default back (and dispose what they made)."""
+    yield
+    tasklet.configure()
+
+
+def count_jobs(db: Database) -> int:
+    with db.begin(read_only=True) as conn:
+        return conn.execute(
+            sa.select(sa.func.count()).select_from(jobs), execution_options=db.execution_options
+        ).scalar_one()
+
+
+def pragma(db: Database, name: str) -> Any:
+    """A PRAGMA's value as seen on a connection of tasklet's own engine."""
+    with db.engine.connect() as conn:
+        return conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+
+
+# -------------------------------------------------------------- configuration
+
+
+def test_database_url_is_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'from-env.db'}"
+    monkeypatch.setenv("TASKLET_DATABASE_URL", url)
+
+    tasklet.configure()
+
+    assert _config.database().engine.url.render_as_string() == url
+
+
+def test_database_url_passed_to_configure_wins_over_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TASKLET_DATABASE_URL", f"sqlite:///{tmp_path / 'from-env.db'}")
+    url = f"sqlite:///{tmp_path / 'explicit.db'}"
+
+    tasklet.configure(url)
+
+    assert _config.database().engine.url.render_as_string() == url
+
+
+def test_default_database_is_tasklet_db_in_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("TASKLET_DATABASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    tasklet.configure()
+
+    assert _config.database().engine.url.render_as_string() == "sqlite:///tasklet.db"
+
+
+def test_configure_with_an_engine_defers_through_that_engine(backend: Backend) -> None:
+    engine = sa.create_engine(backend.url)
+    try:
+        tasklet.configure(engine=engine, schema=backend.schema)
+        db = _config.database()
+
+        @job
+        def ping() -> None: ...
+
+        ping.defer()
+
+        assert db.engine is engine
+        with engine.connect() as conn:
+            count = sa.select(sa.func.count()).select_from(jobs)
+            assert conn.execute(count, execution_options=db.execution_options).scalar() == 1
+    finally:
+        tasklet.configure()
+        engine.dispose()
+
+
+def test_configuring_the_same_sqlite_engine_twice_keeps_deferring_working(
+    tmp_path: Path,
+) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'shared.db'}")
+    try:
+        tasklet.configure(engine=engine)
+        tasklet.upgrade()
+
+        @job
+        def ping() -> None: ...
+
+        ping.defer()
+        tasklet.configure(engine=engine)
+        ping.defer()
+
+        assert count_jobs(_config.database()) == 2
+    finally:
+        tasklet.configure()
+        engine.dispose()
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_plain_postgresql_url_gets_the_psycopg_driver(scheme: str) -> None:
+    tasklet.configure(f"{scheme}://app@db.example.com:5432/app")
+
+    url = _config.database().engine.url
+
+    assert url.drivername == "postgresql+psycopg"
+    assert (url.host, url.database) == ("db.example.com", "app")
+
+
+def test_url_and_engine_together_are_a_value_error(tmp_path: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    try:
+        with pytest.raises(ValueError, match="url or an engine"):
+            tasklet.configure(f"sqlite:///{tmp_path / 'y.db'}", engine=engine)
+    finally:
+        engine.dispose()
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_deferring_before_migrating_raises_schema_missing_error_saying_tasklet_migrate(
+    empty_backend: Backend,
+) -> None:
+    @job
+    def ping() -> None: ...
+
+    with pytest.raises(SchemaMissingError, match="tasklet migrate"):
+        ping.defer()
+
+
+def test_unreachable_database_raises_database_unavailable_error_hiding_the_password() -> None:
+    tasklet.configure("postgresql://user:secret@127.0.0.1:1/x")
+
+    @job
+    def ping() -> None: ...
+
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        ping.defer()
+
+    message = str(caught.value)
+    assert "postgresql+psycopg://user:***@127.0.0.1:1/x" in message
+    assert "secret" not in message
+    assert "secret" not in str(caught.value.__cause__)
+
+
+def test_unopenable_sqlite_file_raises_database_unavailable_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'no-such-folder' / 'tasklet.db'}"
+    tasklet.configure(url)
+
+    @job
+    def ping() -> None: ...
+
+    with pytest.raises(DatabaseUnavailableError, match="no-such-folder"):
+        ping.defer()
+
+
+# ------------------------------------------------------------------ SQLite
+
+
+@sqlite_only
+def test_sqlite_journal_mode_is_wal(db: Database) -> None:
+    assert pragma(db, "journal_mode") == "wal"
+
+
+@sqlite_only
+def test_sqlite_busy_timeout_is_set(db: Database) -> None:
+    assert pragma(db, "busy_timeout") == 30_000
+
+
+@sqlite_only
+def test_sqlite_busy_timeout_follows_the_setting(backend: Backend) -> None:
+    tasklet.configure(backend.url, sqlite_busy_timeout_s=2.5)
+
+    assert pragma(_config.database(), "busy_timeout") == 2_500
+
+
+@sqlite_only
+def test_sqlite_foreign_keys_are_enforced(db: Database) -> None:
+    assert pragma(db, "foreign_keys") == 1
+
+
+@sqlite_only
+def test_sqlite_commits_are_fully_synced_by_default(db: Database) -> None:
+    assert pragma(db, "synchronous") == 2  # FULL
+
+
+def another_writer_can_lock(path: str) -> bool:
+    """Whether a second connection could take the write lock right now (without waiting)."""
+    conn = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        assert "locked" in str(exc)
+        return False
+    else:
+        conn.execute("ROLLBACK")
+        return True
+    finally:
+        conn.close()
+
+
+@sqlite_only
+def test_sqlite_write_transaction_holds_the_write_lock_from_its_begin(
+    backend: Backend, db: Database
+) -> None:
+    path = str(sa.make_url(backend.url).database)
+
+    with db.begin():
+        assert not another_writer_can_lock(path)
+    assert another_writer_can_lock(path)
+
+
+@sqlite_only
+def test_sqlite_read_only_transaction_leaves_the_write_lock_free(
+    backend: Backend, db: Database
+) -> None:
+    path = str(sa.make_url(backend.url).database)
+
+    with db.begin(read_only=True) as conn:
+        conn.execute(sa.select(sa.func.count()).select_from(jobs))
+        assert another_writer_can_lock(path)
+
+
+WRITER = """
+import sys
+
+import tasklet
+from tasklet import _config
+from tests import jobs_for_tests
+
+url, count = sys.argv[1], int(sys.argv[2])
+tasklet.configure(url)
+with _config.database().engine.connect():
+    pass
+print("ready", flush=True)
+sys.stdin.readline()
+for n in range(count):
+    jobs_for_tests.noop.defer(n=n)
+"""
+
+
+@pytest.mark.slow
+@sqlite_only
+def test_concurrent_processes_defer_into_one_sqlite_file_without_lock_errors(
+    backend: Backend, db: Database
+) -> None:
+    processes, per_process = 4, 200
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKLET_")}
+    with contextlib.ExitStack() as stack:
+        writers = [
+            stack.enter_context(
+                subprocess.Popen(
+                    [sys.executable, "-c", WRITER, backend.url, str(per_process)],
+                    cwd=REPO,
+                    env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            for _ in range(processes)
+        ]
+        # Every writer is connected and waiting: release them all at once.
+        for writer in writers:
+            assert writer.stdout is not None
+            if writer.stdout.readline() != "ready\n":
+                pytest.fail(f"a writer did not start: {writer.communicate(timeout=60)[1]}")
+        for writer in writers:
+            assert writer.stdin is not None
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+        outcomes = [(w.communicate(timeout=120)[1], w.returncode) for w in writers]
+
+    for stderr, returncode in outcomes:
+        assert "database is locked" not in stderr
+        assert returncode == 0, stderr
+    rows = storage.jobs_list(db)
+    assert len(rows) == processes * per_process
+    assert {row.name for row in rows} == {"tests.noop"}
+    assert Counter(row.args["n"] for row in rows if row.args) == {
+        n: processes for n in range(per_process)
+    }

@@ -1,0 +1,186 @@
+"""Storage operations the worker relies on: claim, fenced finish, rescue, clear."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections import Counter
+
+import pytest
+import sqlalchemy as sa
+
+from tasklet import Job, job, storage
+from tasklet._database import Database
+from tasklet.schema import workers
+from tasklet.storage import Completion, utcnow
+
+
+@pytest.fixture
+def noop() -> Job[..., None]:
+    @job(name="s.noop")
+    def noop(i: int = 0) -> None: ...
+
+    return noop
+
+
+def _register(db: Database, worker_id: str) -> None:
+    storage.worker_register(
+        db, worker_id=worker_id, host="test", pid=1, queues=["default"], concurrency=1
+    )
+
+
+def _age_worker(db: Database, worker_id: str, seconds: float) -> None:
+    """Make a worker's last heartbeat ``seconds`` old, as if it had died then."""
+    old = utcnow() - dt.timedelta(seconds=seconds)
+    if db.dialect == "sqlite":
+        old = old.replace(tzinfo=None)
+    with db.begin() as conn:
+        conn.execute(
+            sa.update(workers).where(workers.c.id == worker_id).values(heartbeat_at=old),
+            execution_options=db.execution_options,
+        )
+
+
+def _finish(row: storage.JobRow, worker_id: str, status: str = "succeeded") -> Completion:
+    now = utcnow()
+    return Completion(
+        job_id=row.id,
+        lease=row.lease,
+        attempt=row.attempts,
+        worker_id=worker_id,
+        status=status,
+        outcome=status,
+        started_at=now,
+        finished_at=now,
+        result={"ok": True},
+    )
+
+
+def _claim(db: Database, worker_id: str, limit: int = 10) -> list[storage.JobRow]:
+    return storage.jobs_claim(db, worker_id=worker_id, queues=None, names=["s.noop"], limit=limit)
+
+
+def test_claim_takes_due_jobs_and_hands_out_a_new_lease(db: Database, noop: Job[..., None]) -> None:
+    noop.defer_many([{"i": i} for i in range(3)])
+    _register(db, "w1")
+
+    claimed = _claim(db, "w1", limit=2)
+
+    assert [(r.status, r.attempts, r.lease, r.locked_by) for r in claimed] == [
+        ("running", 1, 1, "w1")
+    ] * 2
+    assert len(_claim(db, "w1", limit=10)) == 1
+
+
+def test_concurrent_claims_never_hand_out_a_job_twice(db: Database, noop: Job[..., None]) -> None:
+    noop.defer_many([{"i": i} for i in range(300)])
+    claimed: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def claimer(worker_id: str) -> None:
+        _register(db, worker_id)
+        while rows := _claim(db, worker_id, limit=7):
+            with lock:
+                claimed.update(r.id for r in rows)
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    assert len(claimed) == 300
+    assert [job_id for job_id, n in claimed.items() if n > 1] == []
+
+
+def test_finish_with_a_stale_lease_changes_nothing(db: Database, noop: Job[..., None]) -> None:
+    handle = noop.defer()
+    _register(db, "old")
+    (stale,) = _claim(db, "old")
+    _age_worker(db, "old", 120)
+    assert [r.id for r in storage.jobs_rescue(db, lost_after_s=30, max_lost=3)] == [handle.id]
+    _register(db, "new")
+    (fresh,) = _claim(db, "new")
+
+    assert storage.jobs_finish(db, [_finish(stale, "old", "failed")]) == set()
+    assert storage.jobs_finish(db, [_finish(fresh, "new")]) == {handle.id}
+
+    row = storage.job_get(db, handle.id)
+    assert row is not None and row.status == "succeeded"
+    outcomes = [(r.attempt, r.outcome, r.worker_id) for r in storage.job_runs_list(db, handle.id)]
+    assert outcomes == [(1, "lost", "old"), (2, "succeeded", "new")]
+
+
+def test_finish_writes_every_completion_of_a_batch_with_its_run(
+    db: Database, noop: Job[..., None]
+) -> None:
+    noop.defer_many([{"i": i} for i in range(5)])
+    _register(db, "w")
+    rows = _claim(db, "w")
+
+    applied = storage.jobs_finish(db, [_finish(r, "w") for r in rows])
+
+    assert applied == {r.id for r in rows}
+    assert all(len(storage.job_runs_list(db, r.id)) == 1 for r in rows)
+    assert storage.jobs_count(db) == {"succeeded": 5}
+
+
+def test_rescue_leaves_the_jobs_of_live_workers_alone(db: Database, noop: Job[..., None]) -> None:
+    noop.defer()
+    _register(db, "alive")
+    _claim(db, "alive")
+
+    assert storage.jobs_rescue(db, lost_after_s=30, max_lost=3) == []
+    assert storage.jobs_count(db) == {"running": 1}
+
+
+def test_a_job_lost_max_lost_times_is_failed_not_retried(
+    db: Database, noop: Job[..., None]
+) -> None:
+    handle = noop.defer()
+    for n in range(2):
+        worker_id = f"crashing-{n}"
+        _register(db, worker_id)
+        assert len(_claim(db, worker_id)) == 1
+        _age_worker(db, worker_id, 120)
+        storage.jobs_rescue(db, lost_after_s=30, max_lost=2)
+
+    row = storage.job_get(db, handle.id)
+    assert row is not None
+    assert (row.status, row.lost_count) == ("failed", 2)
+    assert row.last_error is not None and "crashing-1" in row.last_error
+    assert [r.outcome for r in storage.job_runs_list(db, handle.id)] == ["lost", "lost"]
+
+
+def test_many_sweepers_rescue_each_orphan_exactly_once(db: Database, noop: Job[..., None]) -> None:
+    noop.defer_many([{"i": i} for i in range(200)])
+    _register(db, "dead")
+    while _claim(db, "dead", limit=50):
+        pass
+    _age_worker(db, "dead", 120)
+    rescued: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def sweeper() -> None:
+        lost = storage.jobs_rescue(db, lost_after_s=30, max_lost=3)
+        with lock:
+            rescued.update(r.id for r in lost)
+
+    threads = [threading.Thread(target=sweeper) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    assert len(rescued) == 200 and max(rescued.values()) == 1
+    assert storage.jobs_count(db) == {"queued": 200}
+
+
+def test_clear_deletes_queued_jobs_of_the_given_queues_only(
+    db: Database, noop: Job[..., None]
+) -> None:
+    noop.defer_many([{"i": 1}, {"i": 2}])
+    noop.options(queue="keep").defer(i=3)
+
+    assert storage.jobs_clear(db, queues=["default"]) == 2
+    assert storage.jobs_count(db) == {"queued": 1}
