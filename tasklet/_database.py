@@ -10,6 +10,7 @@ use a plain ``BEGIN`` so they never wait behind writers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import re
 import weakref
@@ -128,8 +129,23 @@ class Database:
     def notify_channel(self) -> str:
         return "tasklet" if self.schema is None else f"tasklet_{self.schema}"
 
+    @functools.cached_property
+    def autocommit_engine(self) -> Engine:
+        """Connections that commit each statement by themselves: one round trip per enqueue.
+
+        An engine of tasklet's own gets a pool that stays in autocommit, so no
+        checkout pays for switching the connection's mode back and forth.
+        """
+        if self.owns_engine and self.dialect == "postgresql":
+            return sa.create_engine(
+                self.engine.url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=20
+            )
+        return self.engine.execution_options(isolation_level="AUTOCOMMIT")
+
     def dispose(self) -> None:
         if self.owns_engine:
+            if "autocommit_engine" in self.__dict__:
+                self.autocommit_engine.dispose()
             self.engine.dispose()
 
     @contextlib.contextmanager
@@ -148,9 +164,13 @@ class Database:
             return SchemaMissingError(
                 f"tasklet's tables are missing in {self.display_url}{where}: {_MIGRATE_HINT}"
             )
-        if error.connection_invalidated or (
-            isinstance(error, exc.OperationalError)
-            and ("connect" in text or "unable to open" in text)
+        if (
+            error.connection_invalidated
+            or error.statement is None  # raised while connecting
+            or (
+                isinstance(error, exc.OperationalError)
+                and ("connect" in text or "unable to open" in text)
+            )
         ):
             return DatabaseUnavailableError(
                 f"cannot reach the database at {self.display_url}: {text.strip()} "
@@ -174,5 +194,5 @@ class Database:
                 with self.begin() as conn:
                     yield conn
                 return
-            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            with self.autocommit_engine.connect() as conn:
                 yield conn

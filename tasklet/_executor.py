@@ -1,31 +1,31 @@
 """One attempt of one job: decode its arguments, run hooks and the function, time it out.
 
-No SQL here: the worker hands in a claimed row and gets back an :class:`Outcome`.
+No SQL here: the worker hands in a claimed job and gets back an :class:`Outcome`.
+This is the per-job hot path, so it creates nothing a job does not use: no
+context unless the job or a hook takes one, no timer unless it has a timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-import anyio
-import anyio.abc
-import anyio.to_thread
 
 from . import _codec, hooks
 from ._job import Job
 from .context import JobContext
 from .errors import SerializationError
 from .retry import Abort, Step, next_step
-from .storage import JobRow, utcnow
+from .storage import ClaimedJob, utcnow
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """How an attempt ended: ``succeeded``, ``failed``, ``timed_out`` or ``interrupted``."""
 
@@ -35,8 +35,8 @@ class Outcome:
     step: Step | None = None
     result: Any = None
     error: BaseException | None = None
-    #: Set when a timed-out sync job's thread finally returns: its slot is busy until then.
-    thread_done: anyio.Event | None = None
+    #: A timed-out or interrupted sync job's thread: its slot is busy until it returns.
+    thread: concurrent.futures.Future[Any] | None = None
 
     @property
     def error_text(self) -> str | None:
@@ -51,96 +51,115 @@ class Outcome:
         return "".join(traceback.format_exception(self.error))
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class Attempt:
     """A claimed job being run: what the worker needs to interrupt and settle it."""
 
-    row: JobRow
+    row: ClaimedJob
     job: Job[Any, Any]
     worker_id: str
-    cancel: threading.Event = field(default_factory=threading.Event)
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    #: Set when a sync job's thread returns, or when the attempt is interrupted.
-    wake: anyio.Event = field(default_factory=anyio.Event)
+    task: asyncio.Task[None] | None = None
     interrupted: bool = False
+    #: Seen by the job as ``ctx.cancelled``; made only with a context.
+    cancel: threading.Event | None = None
+    #: Wakes the wait for a sync job's thread when the attempt is interrupted.
+    stop_waiting: asyncio.Event | None = None
 
     def context(self) -> JobContext:
+        self.cancel = threading.Event()
+        row = self.row
         return JobContext(
-            job_id=self.row.id,
-            name=self.row.name,
-            queue=self.row.queue,
-            attempt=self.row.attempts,
-            max_attempts=self.row.max_attempts,
-            scheduled_at=self.row.run_at,
+            job_id=row.id,
+            name=row.name,
+            queue=row.queue,
+            attempt=row.attempts,
+            max_attempts=row.max_attempts,
+            scheduled_at=row.run_at,
             worker_id=self.worker_id,
             _cancel=self.cancel,
         )
 
     def interrupt(self) -> None:
         """Stop the attempt: async jobs are cancelled, sync ones see ``ctx.cancelled``."""
+        if self.interrupted:
+            return
         self.interrupted = True
-        self.cancel.set()
-        self.wake.set()
-        self.scope.cancel()
+        if self.cancel is not None:
+            self.cancel.set()
+        if self.stop_waiting is not None:
+            self.stop_waiting.set()
+        elif self.task is not None:
+            self.task.cancel()
 
 
-class _TimedOut(Exception):
+class JobTimeout(Exception):
+    """An attempt ran over its job's ``timeout``."""
+
     def __init__(self, timeout: float) -> None:
         super().__init__(f"attempt ran over its timeout of {timeout:g}s")
 
 
+class Interrupted(Exception):
+    """The worker stopped before the attempt ended; the job went back to the queue."""
+
+    def __init__(self) -> None:
+        super().__init__("interrupted by worker shutdown; the job was put back in the queue")
+
+
+class _ThreadStillRunning(Exception):
+    def __init__(self, thread: concurrent.futures.Future[Any]) -> None:
+        self.thread = thread
+
+
 class Executor:
-    """Runs attempts; sync functions in threads started from ``task_group``.
+    """Runs attempts: async jobs on the running event loop, sync jobs on ``threads``."""
 
-    The task group belongs to the worker, so a timed-out sync job's thread is
-    still accounted for after its attempt has been recorded.
-    """
-
-    def __init__(self, task_group: anyio.abc.TaskGroup, threads: anyio.CapacityLimiter) -> None:
-        self._task_group = task_group
+    def __init__(self, threads: concurrent.futures.ThreadPoolExecutor) -> None:
         self._threads = threads
 
     async def perform(self, attempt: Attempt) -> Outcome:
         job, row = attempt.job, attempt.row
-        ctx = attempt.context()
+        with_hooks = bool(job.hooks or hooks.GLOBAL)
+        ctx = attempt.context() if with_hooks or job.context_parameter else None
         started = utcnow()
-        thread_done: anyio.Event | None = None
+        thread = None
         try:
-            with attempt.scope:
-                arguments = job.decode(row.serializer, row.args, row.args_pickle)
-                if job.hooks or hooks.GLOBAL:
-                    await hooks.run_before(job.hooks, ctx)
-                args, kwargs = job.call_arguments(arguments, ctx)
-                result = await self._call(job, args, kwargs, row.timeout, attempt)
-        except _SyncTimeout as stopped:
-            thread_done = stopped.done
-            kind = "interrupted" if stopped.interrupted else "timed_out"
-            error: BaseException = (
-                _Interrupted() if stopped.interrupted else _TimedOut(stopped.seconds)
-            )
+            arguments = job.decode(row.serializer, row.args, row.args_pickle)
+            if ctx is not None and with_hooks:
+                await hooks.run_before(job.hooks, ctx)
+            args, kwargs = job.call_arguments(arguments, ctx)
+            if job.is_async:
+                result = await self._call_async(job, args, kwargs, row.timeout)
+            else:
+                result = await self._call_sync(job.func, args, kwargs, row.timeout, attempt)
+        except asyncio.CancelledError:
+            if not attempt.interrupted:
+                raise
+            error: BaseException = Interrupted()
+            kind = "interrupted"
+        except _ThreadStillRunning as still:
+            thread = still.thread
+            error = Interrupted() if attempt.interrupted else JobTimeout(row.timeout or 0)
+            kind = "interrupted" if attempt.interrupted else "timed_out"
+        except JobTimeout as exc:
+            error, kind = exc, "timed_out"
         except Exception as exc:
             error, kind = exc, "failed"
         else:
-            if attempt.scope.cancelled_caught:
-                kind = "interrupted" if attempt.interrupted else "timed_out"
-                error = _TimedOut(row.timeout or 0) if kind == "timed_out" else _Interrupted()
-            else:
-                outcome = Outcome(
-                    "succeeded", started, utcnow(), result=_codec.encode_result(result)
-                )
-                if job.hooks or hooks.GLOBAL:
-                    await hooks.run_after_success(job.hooks, ctx, result)
-                return outcome
-        return await self._failed(attempt, ctx, kind, error, started, thread_done)
+            outcome = Outcome("succeeded", started, utcnow(), result=_codec.encode_result(result))
+            if ctx is not None and with_hooks:
+                await hooks.run_after_success(job.hooks, ctx, result)
+            return outcome
+        return await self._failed(attempt, ctx, kind, error, started, thread)
 
     async def _failed(
         self,
         attempt: Attempt,
-        ctx: JobContext,
+        ctx: JobContext | None,
         kind: str,
         error: BaseException,
         started: dt.datetime,
-        thread_done: anyio.Event | None,
+        thread: concurrent.futures.Future[Any] | None,
     ) -> Outcome:
         job, row = attempt.job, attempt.row
         if kind == "interrupted":
@@ -155,26 +174,30 @@ class Executor:
                 backoff=job.backoff,
                 no_retry=job.no_retry,
             )
-        outcome = Outcome(kind, started, utcnow(), step=step, error=error, thread_done=thread_done)
-        if kind != "interrupted" and (job.hooks or hooks.GLOBAL):
+        outcome = Outcome(kind, started, utcnow(), step=step, error=error, thread=thread)
+        if kind != "interrupted" and ctx is not None and (job.hooks or hooks.GLOBAL):
             failed_ctx = dataclasses.replace(ctx, will_retry=step.will_retry)
             await hooks.run_after_failure(job.hooks, failed_ctx, error)
         return outcome
 
-    async def _call(
+    async def _call_async(
         self,
         job: Job[Any, Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout: float | None,
-        attempt: Attempt,
     ) -> Any:
-        if job.is_async:
-            # A cancel scope cancels the coroutine at its next await.
-            if timeout is not None:
-                attempt.scope.deadline = anyio.current_time() + timeout
+        if timeout is None:
             return await job.func(*args, **kwargs)
-        return await self._call_sync(job.func, args, kwargs, timeout, attempt)
+        # Cancels the coroutine at its next await once the deadline passes.
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                return await job.func(*args, **kwargs)
+        except TimeoutError:
+            if deadline.expired():
+                raise JobTimeout(timeout) from None
+            raise  # the job's own TimeoutError: an ordinary failure
 
     async def _call_sync(
         self,
@@ -184,46 +207,22 @@ class Executor:
         timeout: float | None,
         attempt: Attempt,
     ) -> Any:
-        done = anyio.Event()
-        box: list[tuple[bool, Any]] = []
-
-        def target() -> None:
-            try:
-                box.append((True, func(*args, **kwargs)))
-            except BaseException as exc:  # handed back to the event loop below
-                box.append((False, exc))
-
-        async def in_thread() -> None:
-            try:
-                await anyio.to_thread.run_sync(target, limiter=self._threads)
-            finally:
-                done.set()
-                attempt.wake.set()
-
-        self._task_group.start_soon(in_thread)
+        thread = self._threads.submit(func, *args, **kwargs)
+        waiting = asyncio.wrap_future(thread)
+        if timeout is None and attempt.task is None:
+            return await waiting
         # A thread cannot be killed: on timeout or interruption the attempt ends
         # now, the job sees ctx.cancelled, and the thread keeps its slot until it returns.
-        with anyio.CancelScope(shield=True) as waiting:
-            if timeout is not None:
-                waiting.deadline = anyio.current_time() + timeout
-            await attempt.wake.wait()
-        if not box:
+        stop = attempt.stop_waiting = asyncio.Event()
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {waiting, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopper.cancel()
+        if waiting in done:
+            return waiting.result()
+        if attempt.cancel is not None:
             attempt.cancel.set()
-            raise _SyncTimeout(done, timeout or 0.0, interrupted=attempt.interrupted)
-        ok, value = box[0]
-        if ok:
-            return value
-        raise value
-
-
-class _SyncTimeout(Exception):
-    def __init__(self, done: anyio.Event, seconds: float, *, interrupted: bool = False) -> None:
-        super().__init__("sync job stopped waiting")
-        self.done = done
-        self.seconds = seconds
-        self.interrupted = interrupted
-
-
-class _Interrupted(Exception):
-    def __init__(self) -> None:
-        super().__init__("interrupted by worker shutdown; the job was put back in the queue")
+        raise _ThreadStillRunning(thread)

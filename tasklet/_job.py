@@ -199,9 +199,12 @@ class Deferrer(Generic[P]):
         connection = self._options.connection
         if _is_async(connection):
             raise TypeError("an async connection or session needs the *_async methods")
-        conn = None if connection is None else _sync_connection(connection)  # type: ignore[arg-type]
-        ids = storage.jobs_insert(db, rows, conn)
-        if conn is None:  # committed: wake this process's idle workers now
+        if connection is not None:
+            conn = _sync_connection(connection)  # type: ignore[arg-type]
+            ids = storage.jobs_insert(db, rows, conn)
+        else:
+            ids = storage.jobs_insert(db, rows, notify=_wakeup.notify_now(db.wake_key))
+            # Committed: wake this process's idle workers now.
             _wakeup.publish(db.wake_key, {row.queue for row in rows})
         return [JobHandle(id=job_id, name=self._job.name) for job_id in ids]
 
@@ -269,6 +272,11 @@ class Job(Deferrer[P], Generic[P, R]):
         signature = inspect.signature(func)
         self.context_parameter = _context_parameter(func, signature)
         self._full_signature = signature
+        # Every parameter can be passed by keyword: call with **arguments directly.
+        self._keywords_only = all(
+            p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            for p in signature.parameters.values()
+        )
         self.signature = signature.replace(
             parameters=[p for n, p in signature.parameters.items() if n != self.context_parameter]
         )
@@ -343,6 +351,10 @@ class Job(Deferrer[P], Generic[P, R]):
         self, arguments: Mapping[str, Any], context: JobContext | None
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Positional and keyword arguments for the function, with the context filled in."""
+        if self._keywords_only:  # the common case, and the worker's hot path
+            if self.context_parameter is None:
+                return (), dict(arguments)
+            return (), {**arguments, self.context_parameter: context}
         values = dict(arguments)
         if self.context_parameter is not None:
             values[self.context_parameter] = context

@@ -7,6 +7,13 @@
   worker checks that file's size and time every few milliseconds (a ``stat``,
   no query) and looks for jobs only when it changed.
 * In one process, a defer wakes that process's workers at once.
+
+A NOTIFY costs PostgreSQL a global lock at commit, which would make it the
+larger part of a small enqueue. So a process that defers in bursts notifies at
+most once per ``NOTIFY_EVERY_S`` per database; in exchange, a worker that heard
+a notification keeps looking for jobs every ``HOT_CHECK_S`` for ``HOT_FOR_S``,
+which finds the jobs whose notification was left out. Enqueues into the
+caller's own transaction always notify (their commit may come much later).
 """
 
 from __future__ import annotations
@@ -14,10 +21,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 log = logging.getLogger("tasklet.worker")
+
+NOTIFY_EVERY_S = 0.005
+HOT_CHECK_S = 0.010
+HOT_FOR_S = 1.0
 
 Wake = Callable[[str | None], None]
 
@@ -35,6 +47,19 @@ def subscribe(key: str, wake: Wake) -> Callable[[], None]:
             _local.get(key, set()).discard(wake)
 
     return unsubscribe
+
+
+_last_notify: dict[str, float] = {}
+
+
+def notify_now(key: str) -> bool:
+    """Whether a defer that commits at once should send NOTIFY (see the module's docstring)."""
+    now = time.monotonic()
+    with _lock:
+        if now - _last_notify.get(key, -1.0) < NOTIFY_EVERY_S:
+            return False
+        _last_notify[key] = now
+        return True
 
 
 def publish(key: str, queues: Iterable[str]) -> None:

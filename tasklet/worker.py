@@ -13,6 +13,7 @@ worker look dead.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -108,9 +109,11 @@ class Worker:
         self._names: list[str] = []
         self._in_flight = 0
         self._attempts: dict[int, Attempt] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._pending: list[storage.Completion] = []
         self._maybe_due = True
         self._next_due: float | None = None
+        self._hot_until = 0.0
         self._stopping = False
         self._force = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -161,6 +164,18 @@ class Worker:
         if queue is None or self._queues is None or queue in self._queues:
             self._maybe_due = True
             self._wake.set()
+
+    def _on_notify(self, queue: str | None) -> None:
+        # Producers leave out notifications in bursts: stay watchful for a while.
+        self._hot_until = anyio.current_time() + _wakeup.HOT_FOR_S
+        self._on_wake(queue)
+
+    def _notify_threadsafe(self, queue: str | None) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has already closed
+            loop.call_soon_threadsafe(self._on_notify, queue)
 
     # ------------------------------------------------------------------- run
 
@@ -229,14 +244,24 @@ class Worker:
         return self.stats
 
     async def _serve(self, drain: bool) -> None:
-        async with anyio.create_task_group() as group:
-            executor = Executor(group, anyio.CapacityLimiter(self.settings.concurrency))
-            group.start_soon(self._flush_loop)
-            if self.db.dialect == "sqlite" and not drain:
-                group.start_soon(self._watch_sqlite)
-            await self._claim_loop(group, executor, drain)
-            await self._wind_down()
-            group.cancel_scope.cancel()
+        threads = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.settings.concurrency, thread_name_prefix="tasklet-job"
+        )
+        claimer = storage.Claimer(
+            self.db, worker_id=self.id, queues=self._queues, names=self._names
+        )
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._flush_loop)
+                if self.db.dialect == "sqlite" and not drain:
+                    group.start_soon(self._watch_sqlite)
+                await self._claim_loop(Executor(threads), claimer, drain)
+                await self._wind_down()
+                group.cancel_scope.cancel()
+        finally:
+            await anyio.to_thread.run_sync(claimer.close)
+            # Threads of jobs that outlived the grace period are left to finish alone.
+            threads.shutdown(wait=False)
 
     def _register(self) -> None:
         storage.worker_register(
@@ -261,7 +286,7 @@ class Worker:
         url = db.engine.url.set(drivername="postgresql")
         conninfo = url.render_as_string(hide_password=False)
         return _wakeup.PostgresListener(
-            conninfo, db.notify_channel, self._wake_threadsafe, name=f"tasklet-listener {self.id}"
+            conninfo, db.notify_channel, self._notify_threadsafe, name=f"tasklet-listener {self.id}"
         )
 
     async def _watch_sqlite(self) -> None:
@@ -276,13 +301,11 @@ class Worker:
 
     # ------------------------------------------------------------ claim loop
 
-    async def _claim_loop(
-        self, group: anyio.abc.TaskGroup, executor: Executor, drain: bool
-    ) -> None:
+    async def _claim_loop(self, executor: Executor, claimer: storage.Claimer, drain: bool) -> None:
         while not self._stopping:
             free = self.settings.concurrency - self._in_flight
             if free > 0 and self._maybe_due:
-                await self._claim(group, executor, free, drain)
+                await self._claim(executor, claimer, free, drain)
                 continue
             if drain and not self._maybe_due and self._in_flight == 0:
                 await self._flush_all()
@@ -292,10 +315,10 @@ class Worker:
             await self._idle()
 
     async def _claim(
-        self, group: anyio.abc.TaskGroup, executor: Executor, free: int, drain: bool
+        self, executor: Executor, claimer: storage.Claimer, free: int, drain: bool
     ) -> None:
         try:
-            rows = await anyio.to_thread.run_sync(self._claim_rows, free)
+            rows = await anyio.to_thread.run_sync(claimer.claim, free)
         except TaskletError as exc:
             if drain:
                 raise
@@ -304,17 +327,12 @@ class Worker:
             self._next_due = None
             return
         for row in rows:
-            self._start(group, executor, row)
+            self._start(executor, row)
         if len(rows) < free:
             # Nothing more is due now: sleep until the next scheduled job, or a wake-up.
             self._maybe_due = False
             due_in = await anyio.to_thread.run_sync(self._due_in)
             self._next_due = None if due_in is None else anyio.current_time() + due_in
-
-    def _claim_rows(self, limit: int) -> list[storage.JobRow]:
-        return storage.jobs_claim(
-            self.db, worker_id=self.id, queues=self._queues, names=self._names, limit=limit
-        )
 
     def _due_in(self) -> float | None:
         """Seconds until the next queued job of this worker's is due (None: none queued)."""
@@ -322,9 +340,12 @@ class Worker:
         return None if due is None else (due - storage.utcnow()).total_seconds()
 
     async def _idle(self) -> None:
+        now = anyio.current_time()
         timeout = self.settings.poll_s
+        if self._hot_until > now:
+            timeout = min(timeout, _wakeup.HOT_CHECK_S)
         if self._next_due is not None and not self._maybe_due:
-            timeout = max(0.0, min(timeout, self._next_due - anyio.current_time()))
+            timeout = max(0.0, min(timeout, self._next_due - now))
         if not self._maybe_due and self._in_flight == 0:
             self.idle.set()
         with anyio.move_on_after(timeout) as waited:
@@ -336,7 +357,7 @@ class Worker:
 
     # --------------------------------------------------------------- attempts
 
-    def _start(self, group: anyio.abc.TaskGroup, executor: Executor, row: storage.JobRow) -> None:
+    def _start(self, executor: Executor, row: storage.ClaimedJob) -> None:
         job = _registry.get(row.name)
         if job is None:  # unregistered since the claim began: give it back untouched
             self._settle_released(row)
@@ -344,22 +365,32 @@ class Worker:
         attempt = Attempt(row=row, job=job, worker_id=self.id)
         self._in_flight += 1
         self._attempts[row.id] = attempt
-        group.start_soon(self._run_attempt, executor, attempt)
+        # A plain asyncio task: this is the per-job hot path, and interrupting
+        # an attempt is cancelling its task.
+        task = attempt.task = asyncio.get_running_loop().create_task(
+            self._run_attempt(executor, attempt)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run_attempt(self, executor: Executor, attempt: Attempt) -> None:
         row = attempt.row
-        log.info(
-            "job %d %s attempt %d/%d started", row.id, row.name, row.attempts, row.max_attempts
-        )
+        logging_info = log.isEnabledFor(logging.INFO)
+        if logging_info:
+            log.info(
+                "job %d %s attempt %d/%d started", row.id, row.name, row.attempts, row.max_attempts
+            )
         began = time.perf_counter()
         try:
             outcome = await executor.perform(attempt)
             self._attempts.pop(row.id, None)
             self._settle(attempt, outcome)
-            _log_outcome(row, outcome, time.perf_counter() - began)
-            if outcome.thread_done is not None:
+            if logging_info or outcome.kind != "succeeded":
+                _log_outcome(row, outcome, time.perf_counter() - began)
+            if outcome.thread is not None:
                 # The attempt is over, but its thread still runs: the slot stays taken.
-                await outcome.thread_done.wait()
+                with contextlib.suppress(Exception):
+                    await asyncio.wrap_future(outcome.thread)
         finally:
             self._attempts.pop(row.id, None)
             self._in_flight -= 1
@@ -388,7 +419,7 @@ class Worker:
             )
         )
 
-    def _settle_released(self, row: storage.JobRow) -> None:
+    def _settle_released(self, row: storage.ClaimedJob) -> None:
         """A claimed job that never started goes back without using an attempt or a run row."""
         now = storage.utcnow()
         self._push(
@@ -480,6 +511,8 @@ class Worker:
                 await self._wake.wait()
                 self._wake = anyio.Event()
         await self._flush_all(deadline_s=30.0)
+        for task in list(self._tasks):  # only tasks waiting for a stuck thread remain
+            task.cancel()
 
 
 @contextlib.contextmanager
@@ -502,7 +535,7 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
             yield error
 
 
-def _log_outcome(row: storage.JobRow, outcome: Outcome, seconds: float) -> None:
+def _log_outcome(row: storage.ClaimedJob, outcome: Outcome, seconds: float) -> None:
     step = outcome.step
     if outcome.kind == "succeeded":
         log.info("job %d %s attempt %d succeeded in %.3fs", row.id, row.name, row.attempts, seconds)

@@ -59,11 +59,15 @@ def count_inserts(db: Database) -> Iterator[list[str]]:
             sets = [parameters]
         seen.extend(statement for _ in sets)
 
-    event.listen(db.engine, "before_cursor_execute", record)
+    # Enqueues that commit at once run on tasklet's autocommit engine.
+    engines = {db.engine, db.autocommit_engine}
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
     try:
         yield seen
     finally:
-        event.remove(db.engine, "before_cursor_execute", record)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
 
 
 @contextlib.asynccontextmanager

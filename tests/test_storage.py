@@ -41,7 +41,7 @@ def _age_worker(db: Database, worker_id: str, seconds: float) -> None:
         )
 
 
-def _finish(row: storage.JobRow, worker_id: str, status: str = "succeeded") -> Completion:
+def _finish(row: storage.ClaimedJob, worker_id: str, status: str = "succeeded") -> Completion:
     now = utcnow()
     return Completion(
         job_id=row.id,
@@ -56,7 +56,7 @@ def _finish(row: storage.JobRow, worker_id: str, status: str = "succeeded") -> C
     )
 
 
-def _claim(db: Database, worker_id: str, limit: int = 10) -> list[storage.JobRow]:
+def _claim(db: Database, worker_id: str, limit: int = 10) -> list[storage.ClaimedJob]:
     return storage.jobs_claim(db, worker_id=worker_id, queues=None, names=["s.noop"], limit=limit)
 
 
@@ -66,9 +66,9 @@ def test_claim_takes_due_jobs_and_hands_out_a_new_lease(db: Database, noop: Job[
 
     claimed = _claim(db, "w1", limit=2)
 
-    assert [(r.status, r.attempts, r.lease, r.locked_by) for r in claimed] == [
-        ("running", 1, 1, "w1")
-    ] * 2
+    assert [(r.attempts, r.lease) for r in claimed] == [(1, 1), (1, 1)]
+    rows = [storage.job_get(db, r.id) for r in claimed]
+    assert [(r.status, r.locked_by) for r in rows if r] == [("running", "w1")] * 2
     assert len(_claim(db, "w1", limit=10)) == 1
 
 

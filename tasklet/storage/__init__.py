@@ -1,0 +1,49 @@
+"""Every SQL statement tasklet runs, as named operations (noun_verb) on a :class:`Database`.
+
+The worker, the CLI and the public API call these and never build SQL of their
+own. Dialect differences stay inside this package. Each operation is written
+once, synchronously; async callers run it in a worker thread.
+
+* ``jobs``: enqueue, read, clear, count (the API and the CLI);
+* ``attempts``: claim, finish, rescue (the worker);
+* ``workers``: register, heartbeat, unregister.
+"""
+
+from .attempts import Claimer, jobs_claim, jobs_finish, jobs_rescue
+from .jobs import (
+    job_get,
+    job_runs_list,
+    jobs_clear,
+    jobs_count,
+    jobs_flag_unknown,
+    jobs_insert,
+    jobs_list,
+    jobs_next_due,
+)
+from .rows import ClaimedJob, Completion, JobRow, NewJob, RunRow, as_utc, utcnow
+from .workers import worker_heartbeat, worker_register, worker_unregister
+
+__all__ = [
+    "ClaimedJob",
+    "Claimer",
+    "Completion",
+    "JobRow",
+    "NewJob",
+    "RunRow",
+    "as_utc",
+    "job_get",
+    "job_runs_list",
+    "jobs_claim",
+    "jobs_clear",
+    "jobs_count",
+    "jobs_finish",
+    "jobs_flag_unknown",
+    "jobs_insert",
+    "jobs_list",
+    "jobs_next_due",
+    "jobs_rescue",
+    "utcnow",
+    "worker_heartbeat",
+    "worker_register",
+    "worker_unregister",
+]

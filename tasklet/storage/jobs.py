@@ -1,0 +1,295 @@
+"""Operations on jobs as the API and the CLI see them: enqueue, read, clear, count."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import functools
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
+from sqlalchemy.engine import Connection
+
+from .._database import Database
+from ..schema import job_runs, jobs
+from ._sql import in_queues, now
+from .rows import JobRow, NewJob, RunRow, as_utc, sqlite_time, utcnow
+
+_INSERT_FIELDS = (
+    ("name", sa.Text()),
+    ("queue", sa.Text()),
+    ("priority", sa.Integer()),
+    ("max_attempts", sa.Integer()),
+    ("timeout", sa.Float()),
+    ("serializer", sa.Text()),
+    ("args", pg.JSONB()),
+    ("args_pickle", sa.Text()),
+    ("run_at", sa.DateTime(timezone=True)),
+    ("delay_s", sa.Float()),
+)
+
+
+def _pg_insert_statement(*, notify: bool) -> sa.Select[Any]:
+    """One round trip, one parameter, for any number of jobs.
+
+    The rows travel as one JSON array that PostgreSQL unpacks with
+    ``json_to_recordset``: this costs the client a single ``json.dumps``
+    instead of adapting a parameter per value. ``pg_notify`` runs in the
+    inserting transaction, so workers hear of the jobs only once it commits.
+    """
+    rows = (
+        sa.func.json_to_recordset(sa.cast(sa.bindparam("rows", type_=sa.Text()), sa.JSON()))
+        .table_valued(*(sa.column(name, type_) for name, type_ in _INSERT_FIELDS))
+        .render_derived(name="r", with_types=True)
+    )
+    now = sa.func.now()
+    source = sa.select(
+        rows.c.name,
+        rows.c.queue,
+        rows.c.priority,
+        sa.literal_column("'queued'"),
+        rows.c.serializer,
+        rows.c.args,
+        sa.func.decode(rows.c.args_pickle, sa.literal_column("'base64'")),
+        sa.literal_column("0"),
+        rows.c.max_attempts,
+        sa.literal_column("0"),
+        rows.c.timeout,
+        sa.func.coalesce(rows.c.run_at, now + rows.c.delay_s * sa.text("interval '1 second'")),
+        now,
+        sa.literal_column("0"),
+    )
+    inserted = (
+        sa.insert(jobs)
+        .from_select(
+            [
+                "name",
+                "queue",
+                "priority",
+                "status",
+                "serializer",
+                "args",
+                "args_pickle",
+                "attempts",
+                "max_attempts",
+                "lost_count",
+                "timeout",
+                "run_at",
+                "created_at",
+                "lease",
+            ],
+            source,
+        )
+        .returning(jobs.c.id, jobs.c.queue)
+        .cte("inserted")
+    )
+    if not notify:
+        return sa.select(inserted.c.id)
+    return sa.select(inserted.c.id, sa.func.pg_notify(sa.bindparam("channel"), inserted.c.queue))
+
+
+_PG_INSERT_NOTIFY = _pg_insert_statement(notify=True)
+_PG_INSERT_QUIET = _pg_insert_statement(notify=False)
+# Rows are written in the order given and each takes the next rowid, under the write
+# lock: ascending ids are the input order (asking SQLAlchemy to sort would cost a
+# statement per row).
+_SQLITE_INSERT = sa.insert(jobs).returning(jobs.c.id)
+
+
+_PG_DIALECT = psycopg_dialect.dialect()  # type: ignore[no-untyped-call]
+
+
+@functools.lru_cache(maxsize=32)
+def _pg_insert_sql(notify: bool, schema: str | None) -> str:
+    statement = _PG_INSERT_NOTIFY if notify else _PG_INSERT_QUIET
+    translate = None if schema is None else {None: schema}
+    compiled = statement.compile(
+        dialect=_PG_DIALECT, schema_translate_map=translate, render_schema_translate=True
+    )
+    return str(compiled)
+
+
+def _pg_rows_json(new_jobs: Sequence[NewJob]) -> str:
+    return json.dumps(
+        [
+            {
+                "name": j.name,
+                "queue": j.queue,
+                "priority": j.priority,
+                "max_attempts": j.max_attempts,
+                "timeout": j.timeout,
+                "serializer": j.serializer,
+                "args": j.args,
+                "args_pickle": None
+                if j.args_pickle is None
+                else base64.b64encode(j.args_pickle).decode("ascii"),
+                "run_at": None if j.run_at is None else j.run_at.isoformat(),
+                "delay_s": j.delay_s,
+            }
+            for j in new_jobs
+        ],
+        separators=(",", ":"),
+    )
+
+
+def jobs_insert(
+    db: Database,
+    new_jobs: Sequence[NewJob],
+    conn: Connection | None = None,
+    *,
+    notify: bool = True,
+) -> list[int]:
+    """Insert jobs in one statement and return their ids in the order given.
+
+    With ``conn`` the rows join the caller's transaction (they exist only if it
+    commits); otherwise they are committed before this returns. ``notify``
+    sends PostgreSQL's wake-up to listening workers (see tasklet._wakeup).
+    """
+    if not new_jobs:
+        return []
+    if conn is not None:
+        with db.translate_errors():
+            return _jobs_insert_on(db, conn, new_jobs, notify)
+    with db.autocommit() as own:
+        return _jobs_insert_on(db, own, new_jobs, notify)
+
+
+def _jobs_insert_on(
+    db: Database, conn: Connection, new_jobs: Sequence[NewJob], notify: bool
+) -> list[int]:
+    options = db.execution_options
+    if conn.dialect.name == "postgresql":
+        sql = _pg_insert_sql(notify, db.schema)
+        params = {"rows": _pg_rows_json(new_jobs), "channel": db.notify_channel}
+        # Pre-compiled text: the enqueue path is bound by round trips and commits, and
+        # this skips SQLAlchemy's compile-cache lookup and parameter processing.
+        return sorted(row[0] for row in conn.exec_driver_sql(sql, params))
+    now = utcnow()
+    rows = [
+        {
+            "name": j.name,
+            "queue": j.queue,
+            "priority": j.priority,
+            "status": "queued",
+            "serializer": j.serializer,
+            "args": j.args,
+            "args_pickle": j.args_pickle,
+            "attempts": 0,
+            "max_attempts": j.max_attempts,
+            "lost_count": 0,
+            "timeout": j.timeout,
+            "run_at": sqlite_time(j.run_at or now + dt.timedelta(seconds=j.delay_s)),
+            "created_at": sqlite_time(now),
+            "lease": 0,
+        }
+        for j in new_jobs
+    ]
+    result = conn.execute(_SQLITE_INSERT, rows, execution_options=options)
+    return sorted(row[0] for row in result)
+
+
+def job_get(db: Database, job_id: int) -> JobRow | None:
+    with db.begin(read_only=True) as conn:
+        row = (
+            conn.execute(
+                sa.select(jobs).where(jobs.c.id == job_id), execution_options=db.execution_options
+            )
+            .mappings()
+            .first()
+        )
+    return None if row is None else JobRow.from_mapping(row)
+
+
+def jobs_list(db: Database, *, queue: str | None = None, status: str | None = None) -> list[JobRow]:
+    query = sa.select(jobs).order_by(jobs.c.id)
+    if queue is not None:
+        query = query.where(jobs.c.queue == queue)
+    if status is not None:
+        query = query.where(jobs.c.status == status)
+    with db.begin(read_only=True) as conn:
+        rows = conn.execute(query, execution_options=db.execution_options).mappings().all()
+    return [JobRow.from_mapping(r) for r in rows]
+
+
+def job_runs_list(db: Database, job_id: int) -> list[RunRow]:
+    query = sa.select(job_runs).where(job_runs.c.job_id == job_id).order_by(job_runs.c.id)
+    with db.begin(read_only=True) as conn:
+        rows = conn.execute(query, execution_options=db.execution_options).mappings().all()
+    return [RunRow.from_mapping(r) for r in rows]
+
+
+def jobs_flag_unknown(
+    db: Database,
+    *,
+    queues: Sequence[str] | None,
+    known: Sequence[str],
+    message: Callable[[str], str],
+) -> list[str]:
+    """Mark due jobs that no job type here can run, so they do not wait in silence.
+
+    The jobs stay queued for a worker that knows them; ``last_error`` says why
+    they wait (``message(name)``). Returns the names newly flagged.
+    """
+    with db.begin() as conn:
+        unknown = (
+            sa.select(jobs.c.name)
+            .where(
+                jobs.c.status == "queued",
+                in_queues(queues),
+                jobs.c.name.not_in(known),
+                jobs.c.run_at <= now(conn),
+            )
+            .distinct()
+            .limit(100)
+        )
+        names = list(conn.execute(unknown, execution_options=db.execution_options).scalars())
+        flagged = []
+        for name in names:
+            text = message(name)
+            flag = (
+                sa.update(jobs)
+                .where(
+                    jobs.c.status == "queued",
+                    jobs.c.name == name,
+                    sa.or_(jobs.c.last_error.is_(None), jobs.c.last_error != text),
+                )
+                .values(last_error=text)
+            )
+            if conn.execute(flag, execution_options=db.execution_options).rowcount:
+                flagged.append(name)
+    return flagged
+
+
+def jobs_next_due(
+    db: Database, *, queues: Sequence[str] | None, names: Sequence[str]
+) -> dt.datetime | None:
+    """When the earliest queued job of these queues and names is due, or None if there is none."""
+    query = sa.select(sa.func.min(jobs.c.run_at)).where(
+        jobs.c.status == "queued", in_queues(queues), jobs.c.name.in_(names)
+    )
+    with db.begin(read_only=True) as conn:
+        value = conn.execute(query, execution_options=db.execution_options).scalar()
+    if isinstance(value, str):  # SQLite's min() returns the stored text
+        value = dt.datetime.fromisoformat(value)
+    return as_utc(value)
+
+
+def jobs_clear(db: Database, *, queues: Sequence[str] | None) -> int:
+    """Delete queued jobs (of these queues, or all); running and finished ones are kept."""
+    with db.begin() as conn:
+        delete = sa.delete(jobs).where(jobs.c.status == "queued", in_queues(queues))
+        return conn.execute(delete, execution_options=db.execution_options).rowcount
+
+
+def jobs_count(db: Database, *, queues: Sequence[str] | None = None) -> dict[str, int]:
+    """Jobs per status (of these queues, or all)."""
+    query = (
+        sa.select(jobs.c.status, sa.func.count()).where(in_queues(queues)).group_by(jobs.c.status)
+    )
+    with db.begin(read_only=True) as conn:
+        rows = conn.execute(query, execution_options=db.execution_options).all()
+    return {status: count for status, count in rows}

@@ -1,0 +1,141 @@
+"""The values storage operations take and return, and timestamp helpers."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+UTC = dt.UTC
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(UTC)
+
+
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite hands timestamps back naive; tasklet stores them in UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def sqlite_time(value: dt.datetime) -> dt.datetime:
+    """SQLite compares timestamps as text, so every stored one is naive UTC."""
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A row to insert into ``jobs``: when it is due is ``run_at``, or ``delay_s`` from now."""
+
+    name: str
+    queue: str
+    priority: int
+    max_attempts: int
+    timeout: float | None
+    serializer: str
+    args: dict[str, Any] | None
+    args_pickle: bytes | None
+    run_at: dt.datetime | None = None
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """One row of ``jobs`` as tasklet reads it back."""
+
+    id: int
+    name: str
+    queue: str
+    priority: int
+    status: str
+    serializer: str
+    args: dict[str, Any] | None
+    args_pickle: bytes | None
+    attempts: int
+    max_attempts: int
+    lost_count: int
+    timeout: float | None
+    run_at: dt.datetime
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    locked_by: str | None
+    lease: int
+    last_error: str | None
+
+    @classmethod
+    def from_mapping(cls, row: sa.RowMapping) -> JobRow:
+        values = dict(row)
+        for key in ("run_at", "created_at", "started_at", "finished_at"):
+            values[key] = as_utc(values[key])
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A job a worker has just claimed: what it needs to run and finish one attempt."""
+
+    id: int
+    name: str
+    queue: str
+    priority: int
+    serializer: str
+    args: Any
+    args_pickle: bytes | None
+    attempts: int
+    max_attempts: int
+    timeout: float | None
+    run_at: dt.datetime
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    """One row of ``job_runs``: the record of one attempt."""
+
+    id: int
+    job_id: int
+    attempt: int
+    worker_id: str | None
+    outcome: str
+    started_at: dt.datetime | None
+    finished_at: dt.datetime
+    error: str | None
+    traceback: str | None
+    result: Any
+
+    @classmethod
+    def from_mapping(cls, row: sa.RowMapping) -> RunRow:
+        values = dict(row)
+        for key in ("started_at", "finished_at"):
+            values[key] = as_utc(values[key])
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """How one attempt ended, and what becomes of its job.
+
+    ``status`` is the job's next state; a ``queued`` job is due ``delay_s`` from
+    now. ``refund`` gives the attempt back (shutdown, never started).
+    ``record`` writes the attempt to ``job_runs``.
+    """
+
+    job_id: int
+    lease: int
+    attempt: int
+    worker_id: str
+    status: str
+    outcome: str
+    started_at: dt.datetime | None
+    finished_at: dt.datetime
+    delay_s: float = 0.0
+    refund: bool = False
+    record: bool = True
+    error: str | None = None
+    traceback: str | None = None
+    result: Any = None
