@@ -17,7 +17,7 @@ import json
 import math
 import sys
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Final
 
@@ -60,10 +60,33 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
 def _exact_in_jsonb(value: float) -> bool:
     """PostgreSQL's jsonb keeps numbers as ``numeric``: NaN and infinities are refused,
     ``-0.0`` loses its sign and ``1e+16`` comes back as the integer 10000000000000000."""
+    if 1e-4 <= value < 1e16:  # the common case, decided without formatting the number
+        return True
     return math.isfinite(value) and "e" not in repr(value) and math.copysign(1.0, value) > 0
 
 
-def _encode(value: Any, path: str) -> Any:
+class _Unencodable(Exception):
+    """A value JSON cannot carry; ``where`` is filled in on the way out (errors only)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.where = ""
+
+
+def _each(items: list[Any] | tuple[Any, ...], where: Callable[[int], str]) -> list[Any]:
+    try:
+        return [_encode(v) for v in items]
+    except _Unencodable as error:  # find which element, to name it (error path only)
+        for i, item in enumerate(items):
+            try:
+                _encode(item)
+            except _Unencodable:
+                error.where = where(i) + error.where
+                break
+        raise
+
+
+def _encode(value: Any) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -71,10 +94,7 @@ def _encode(value: Any, path: str) -> Any:
         return value if "\x00" not in value else {TAG: "str", "v": value.split("\x00")}
     if isinstance(value, enum.Enum):
         cls = type(value)
-        return {
-            TAG: "enum",
-            "v": [f"{cls.__module__}:{cls.__qualname__}", _encode(value.value, path)],
-        }
+        return {TAG: "enum", "v": [f"{cls.__module__}:{cls.__qualname__}", _encode(value.value)]}
     if isinstance(value, int):
         return value
     if isinstance(value, float):
@@ -84,26 +104,39 @@ def _encode(value: Any, path: str) -> Any:
         tag, fn = encoder
         return {TAG: tag, "v": fn(value)}
     if isinstance(value, list):
-        return [_encode(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return _each(value, lambda i: f"[{i}]")
     if isinstance(value, tuple):
-        return {TAG: "tuple", "v": [_encode(v, f"{path}[{i}]") for i, v in enumerate(value)]}
+        return {TAG: "tuple", "v": _each(value, lambda i: f"[{i}]")}
     if isinstance(value, set | frozenset):
         tag = "frozenset" if isinstance(value, frozenset) else "set"
-        return {TAG: tag, "v": [_encode(v, f"{path}{{}}") for v in value]}
+        return {TAG: tag, "v": _each(list(value), lambda i: "{}")}
     if isinstance(value, dict):
-        if all(isinstance(k, str) and "\x00" not in k for k in value) and TAG not in value:
-            return {k: _encode(v, f"{path}[{k!r}]") for k, v in value.items()}
-        return {
-            TAG: "dict",
-            "v": [
-                [_encode(k, f"{path} key"), _encode(v, f"{path}[{k!r}]")] for k, v in value.items()
-            ],
-        }
-    raise SerializationError(
-        f"argument {path} of type {type(value).__qualname__} cannot be stored as JSON; "
-        "pass plain data (str, int, float, bool, None, list, dict, datetime, UUID, Decimal, "
-        "bytes, Enum ...) or declare the job with serializer='pickle'"
-    )
+        keys = list(value)
+        if all(isinstance(k, str) and "\x00" not in k for k in keys) and TAG not in value:
+            encoded = _each(list(value.values()), lambda i: f"[{keys[i]!r}]")
+            return dict(zip(keys, encoded, strict=True))
+        pairs = _each([[k, v] for k, v in value.items()], lambda i: f"[{keys[i]!r}]")
+        return {TAG: "dict", "v": pairs}
+    raise _Unencodable(value)
+
+
+def _encode_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        return {name: _encode(value) for name, value in arguments.items()}
+    except _Unencodable as error:
+        for name, value in arguments.items():
+            try:
+                _encode(value)
+            except _Unencodable:
+                path = repr(name) + error.where
+                break
+        else:  # pragma: no cover - the loop above always finds it
+            path = "?"
+        raise SerializationError(
+            f"argument {path} of type {type(error.value).__qualname__} cannot be stored as "
+            "JSON; pass plain data (str, int, float, bool, None, list, dict, datetime, UUID, "
+            "Decimal, bytes, Enum ...) or declare the job with serializer='pickle'"
+        ) from None
 
 
 def _find_enum(qualified: str) -> type[enum.Enum]:
@@ -146,10 +179,28 @@ def _decode(value: Any) -> Any:
 
 def encode_json(arguments: Mapping[str, Any], max_bytes: int | None) -> dict[str, Any]:
     """Turn bound arguments into a JSON-ready dict, or raise naming the bad argument."""
-    encoded = {name: _encode(value, repr(name)) for name, value in arguments.items()}
+    return encode_json_text(arguments, max_bytes)[0]
+
+
+def encode_json_text(
+    arguments: Mapping[str, Any], max_bytes: int | None
+) -> tuple[dict[str, Any], str]:
+    """:func:`encode_json`, and the JSON text it stores (checked against ``max_bytes``)."""
+    encoded = _encode_arguments(arguments)
+    text = json.dumps(encoded, separators=(",", ":"))
     if max_bytes is not None:
-        size = len(json.dumps(encoded, separators=(",", ":")))
-        _check_size(size, max_bytes)
+        _check_size(len(text), max_bytes)
+    return encoded, text
+
+
+def encode_json_many(
+    arguments: Sequence[Mapping[str, Any]], max_bytes: int | None
+) -> list[dict[str, Any]]:
+    """:func:`encode_json` for many jobs at once, with one size check for all when it can."""
+    encoded = [_encode_arguments(a) for a in arguments]
+    if max_bytes is not None and len(json.dumps(encoded, separators=(",", ":"))) > max_bytes:
+        for payload in encoded:  # some row may be over the limit: find it
+            _check_size(len(json.dumps(payload, separators=(",", ":"))), max_bytes)
     return encoded
 
 
@@ -205,6 +256,6 @@ def _check_size(size: int, max_bytes: int) -> None:
 def encode_result(value: Any) -> Any:
     """A job's return value for ``job_runs.result``, or None where JSON cannot carry it."""
     try:
-        return _encode(value, "result")
-    except SerializationError:
+        return _encode(value)
+    except _Unencodable:
         return None

@@ -120,12 +120,12 @@ class Database:
             return {}
         return {"schema_translate_map": {None: self.schema}}
 
-    @property
+    @functools.cached_property
     def wake_key(self) -> str:
         """Identifies this database among the workers of one process (see tasklet._wakeup)."""
         return f"{self.engine.url.render_as_string(hide_password=True)}|{self.schema or ''}"
 
-    @property
+    @functools.cached_property
     def notify_channel(self) -> str:
         return "tasklet" if self.schema is None else f"tasklet_{self.schema}"
 
@@ -177,6 +177,34 @@ class Database:
                 f"(check TASKLET_DATABASE_URL or tasklet.configure())"
             )
         return error
+
+    def driver_execute(self, conn: Connection, sql: str, params: dict[str, Any]) -> list[Any]:
+        """Run pre-compiled SQL on ``conn``'s driver connection, in its transaction.
+
+        For the enqueue path, which is bound by round trips and commits: it skips
+        SQLAlchemy's per-execution work. Cursor events still fire for listeners
+        (SQL logging, tracing); errors come out as SQLAlchemy's, and a broken
+        connection leaves the pool, as with ``execute``.
+        """
+        driver: Any = conn.connection.dbapi_connection
+        dbapi = self.engine.dialect.loaded_dbapi
+        events = conn.dispatch
+        try:
+            with driver.cursor() as cursor:
+                if events.before_cursor_execute:
+                    events.before_cursor_execute(conn, cursor, sql, params, None, False)
+                cursor.execute(sql, params)
+                rows = list(cursor.fetchall())
+                if events.after_cursor_execute:
+                    events.after_cursor_execute(conn, cursor, sql, params, None, False)
+                return rows
+        except dbapi.Error as error:
+            invalidated = self.engine.dialect.is_disconnect(error, driver, None)
+            if invalidated:
+                conn.invalidate(error)
+            raise exc.DBAPIError.instance(
+                sql, params, error, dbapi.Error, connection_invalidated=invalidated
+            ) from error
 
     @contextlib.contextmanager
     def begin(self, *, read_only: bool = False) -> Iterator[Connection]:

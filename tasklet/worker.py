@@ -46,8 +46,10 @@ class WorkerSettings:
 
     #: Queues to take jobs from; empty takes every queue.
     queues: tuple[str, ...] = ()
-    #: Attempts run at once by this process (async and sync jobs alike).
-    concurrency: int = 10
+    #: Attempts run at once by this process: async jobs as tasks on the event loop, sync
+    #: jobs in up to this many threads. A worker claims as many jobs as it has free
+    #: slots, so a larger number also means larger claims (see the README).
+    concurrency: int = 100
     #: A worker whose heartbeat is older than this is dead; its jobs are rescued.
     lost_after_s: float = 30.0
     heartbeat_s: float = 5.0
@@ -61,6 +63,9 @@ class WorkerSettings:
     poll_s: float = 2.0
     #: SQLite has no notifications: how often the worker looks at the write-ahead log.
     sqlite_check_s: float = 0.005
+    #: While some jobs run, freed slots wait this long for others to free up, so that
+    #: one claim fetches a batch (no longer than a round trip to the database).
+    claim_window_s: float = 0.002
     #: Finished attempts are written together: at most this many, after at most this long.
     flush_max: int = 500
     flush_window_s: float = 0.002
@@ -302,9 +307,15 @@ class Worker:
     # ------------------------------------------------------------ claim loop
 
     async def _claim_loop(self, executor: Executor, claimer: storage.Claimer, drain: bool) -> None:
+        # Claim in batches: when a few slots free up while others are busy, give
+        # the rest a moment to finish too, so one round trip fetches many jobs.
+        batch = max(1, self.settings.concurrency // 2)
         while not self._stopping:
             free = self.settings.concurrency - self._in_flight
             if free > 0 and self._maybe_due:
+                if free < batch and self._in_flight > 0:
+                    await self._gather_slots(batch)
+                free = self.settings.concurrency - self._in_flight
                 await self._claim(executor, claimer, free, drain)
                 continue
             if drain and not self._maybe_due and self._in_flight == 0:
@@ -313,6 +324,13 @@ class Worker:
                     return
                 continue
             await self._idle()
+
+    async def _gather_slots(self, wanted: int) -> None:
+        """Wait up to ``claim_window_s`` for ``wanted`` free slots (a batch to claim)."""
+        with anyio.move_on_after(self.settings.claim_window_s):
+            while self.settings.concurrency - self._in_flight < wanted and not self._stopping:
+                await self._wake.wait()
+                self._wake = anyio.Event()
 
     async def _claim(
         self, executor: Executor, claimer: storage.Claimer, free: int, drain: bool

@@ -42,6 +42,56 @@ def table(schema: str | None, name: str) -> str:
     return name if schema is None else f'"{schema}".{name}'
 
 
+# Enqueue. One statement, one round trip, and in autocommit one commit: the
+# rows go in, and pg_notify tells listening workers once the transaction commits.
+_INSERT_COLUMNS = """name, queue, priority, status, serializer, args, args_pickle, attempts,
+    max_attempts, lost_count, timeout, run_at, created_at, lease"""
+
+_PG_INSERT_ONE = """
+INSERT INTO {jobs} ({columns})
+VALUES (%(name)s, %(queue)s, %(priority)s, 'queued', %(serializer)s, %(args)s::jsonb,
+        %(args_pickle)s, 0, %(max_attempts)s, 0, %(timeout)s,
+        COALESCE(%(run_at)s::timestamptz, now() + %(delay_s)s * interval '1 second'), now(), 0)
+RETURNING id, queue
+"""
+
+# Many rows travel as one JSON array that PostgreSQL unpacks with
+# json_to_recordset: the client pays one json.dumps, not an adapter per value.
+_PG_INSERT_MANY = """
+INSERT INTO {jobs} ({columns})
+SELECT r.name, r.queue, r.priority, 'queued', r.serializer, r.args,
+       decode(r.args_pickle, 'base64'), 0, r.max_attempts, 0, r.timeout,
+       COALESCE(r.run_at, now() + r.delay_s * interval '1 second'), now(), 0
+  FROM json_to_recordset(%(rows)s::json) AS r(
+       name text, queue text, priority int, max_attempts int, timeout float8,
+       serializer text, args jsonb, args_pickle text, run_at timestamptz, delay_s float8)
+RETURNING id, queue
+"""
+
+
+# defer_many: the rows differ in their arguments only, sent as one JSON array.
+_PG_INSERT_SAME = """
+INSERT INTO {jobs} ({columns})
+SELECT %(name)s, %(queue)s, %(priority)s, 'queued', %(serializer)s, a.value::jsonb, NULL, 0,
+       %(max_attempts)s, 0, %(timeout)s,
+       COALESCE(%(run_at)s::timestamptz, now() + %(delay_s)s * interval '1 second'), now(), 0
+  FROM json_array_elements(%(args)s::json) WITH ORDINALITY AS a(value, n)
+ ORDER BY a.n
+RETURNING id, queue
+"""
+
+_PG_INSERTS = {"one": _PG_INSERT_ONE, "same": _PG_INSERT_SAME, "many": _PG_INSERT_MANY}
+
+
+@functools.lru_cache(maxsize=64)
+def pg_insert_sql(schema: str | None, *, shape: str, notify: bool) -> str:
+    """Insert one row, rows that differ in their arguments only, or any rows."""
+    insert = _PG_INSERTS[shape].format(jobs=table(schema, "jobs"), columns=_INSERT_COLUMNS)
+    if not notify:
+        return insert
+    return f"WITH inserted AS ({insert}) SELECT id, pg_notify(%(channel)s, queue) FROM inserted"
+
+
 # The worker's two statements per batch, as text: PostgreSQL-only constructs
 # (LATERAL, recursive skip scan, json_to_recordset) that read better as SQL.
 

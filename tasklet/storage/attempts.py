@@ -166,30 +166,55 @@ def _finish_row(c: Completion) -> dict[str, Any]:
     }
 
 
+# SQLite: one executemany per batch. The batch runs under the write lock, so the
+# jobs found running under their leases are exactly those the update will change.
+_SQLITE_FINISH = (
+    sa.update(jobs)
+    .where(jobs.c.id == sa.bindparam("b_id"))
+    .values(
+        status=sa.bindparam("b_status"),
+        locked_by=None,
+        last_error=sa.bindparam("b_error"),
+        attempts=jobs.c.attempts - sa.bindparam("b_refund", type_=sa.Integer()),
+        finished_at=sa.bindparam("b_finished_at", type_=sa.DateTime()),
+        run_at=sa.func.coalesce(sa.bindparam("b_run_at", type_=sa.DateTime()), jobs.c.run_at),
+    )
+)
+
+
 def _sqlite_finish(db: Database, conn: Connection, completions: Sequence[Completion]) -> set[int]:
-    applied: set[int] = set()
+    options = db.execution_options
+    held = sa.select(jobs.c.id, jobs.c.lease).where(
+        jobs.c.id.in_([c.job_id for c in completions]), jobs.c.status == "running"
+    )
+    leases: dict[int, int] = {
+        job_id: lease for job_id, lease in conn.execute(held, execution_options=options)
+    }
+    applying = [c for c in completions if leases.get(c.job_id) == c.lease]
+    if not applying:
+        return set()
     current = utcnow()
-    for c in completions:
-        values: dict[str, Any] = {
-            "status": c.status,
-            "locked_by": None,
-            "last_error": c.error,
-            "attempts": jobs.c.attempts - int(c.refund),
-            "finished_at": sqlite_time(c.finished_at) if c.status in _TERMINAL else None,
-        }
-        if c.status == "queued":
-            values["run_at"] = sqlite_time(current + dt.timedelta(seconds=c.delay_s))
-        update = (
-            sa.update(jobs)
-            .where(jobs.c.id == c.job_id, jobs.c.lease == c.lease, jobs.c.status == "running")
-            .values(**values)
-        )
-        if conn.execute(update, execution_options=db.execution_options).rowcount:
-            applied.add(c.job_id)
-    runs = [_run_values(conn, c) for c in completions if c.record and c.job_id in applied]
+    conn.execute(
+        _SQLITE_FINISH,
+        [
+            {
+                "b_id": c.job_id,
+                "b_status": c.status,
+                "b_error": c.error,
+                "b_refund": int(c.refund),
+                "b_finished_at": sqlite_time(c.finished_at) if c.status in _TERMINAL else None,
+                "b_run_at": sqlite_time(current + dt.timedelta(seconds=c.delay_s))
+                if c.status == "queued"
+                else None,
+            }
+            for c in applying
+        ],
+        execution_options=options,
+    )
+    runs = [_run_values(conn, c) for c in applying if c.record]
     if runs:
-        conn.execute(sa.insert(job_runs), runs, execution_options=db.execution_options)
-    return applied
+        conn.execute(sa.insert(job_runs), runs, execution_options=options)
+    return {c.job_id for c in applying}
 
 
 def _run_values(conn: Connection, c: Completion) -> dict[str, Any]:

@@ -4,113 +4,58 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import functools
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql as pg
-from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.engine import Connection
 
 from .._database import Database
 from ..schema import job_runs, jobs
-from ._sql import in_queues, now
+from ._sql import in_queues, now, pg_insert_sql
 from .rows import JobRow, NewJob, RunRow, as_utc, sqlite_time, utcnow
 
-_INSERT_FIELDS = (
-    ("name", sa.Text()),
-    ("queue", sa.Text()),
-    ("priority", sa.Integer()),
-    ("max_attempts", sa.Integer()),
-    ("timeout", sa.Float()),
-    ("serializer", sa.Text()),
-    ("args", pg.JSONB()),
-    ("args_pickle", sa.Text()),
-    ("run_at", sa.DateTime(timezone=True)),
-    ("delay_s", sa.Float()),
-)
-
-
-def _pg_insert_statement(*, notify: bool) -> sa.Select[Any]:
-    """One round trip, one parameter, for any number of jobs.
-
-    The rows travel as one JSON array that PostgreSQL unpacks with
-    ``json_to_recordset``: this costs the client a single ``json.dumps``
-    instead of adapting a parameter per value. ``pg_notify`` runs in the
-    inserting transaction, so workers hear of the jobs only once it commits.
-    """
-    rows = (
-        sa.func.json_to_recordset(sa.cast(sa.bindparam("rows", type_=sa.Text()), sa.JSON()))
-        .table_valued(*(sa.column(name, type_) for name, type_ in _INSERT_FIELDS))
-        .render_derived(name="r", with_types=True)
-    )
-    now = sa.func.now()
-    source = sa.select(
-        rows.c.name,
-        rows.c.queue,
-        rows.c.priority,
-        sa.literal_column("'queued'"),
-        rows.c.serializer,
-        rows.c.args,
-        sa.func.decode(rows.c.args_pickle, sa.literal_column("'base64'")),
-        sa.literal_column("0"),
-        rows.c.max_attempts,
-        sa.literal_column("0"),
-        rows.c.timeout,
-        sa.func.coalesce(rows.c.run_at, now + rows.c.delay_s * sa.text("interval '1 second'")),
-        now,
-        sa.literal_column("0"),
-    )
-    inserted = (
-        sa.insert(jobs)
-        .from_select(
-            [
-                "name",
-                "queue",
-                "priority",
-                "status",
-                "serializer",
-                "args",
-                "args_pickle",
-                "attempts",
-                "max_attempts",
-                "lost_count",
-                "timeout",
-                "run_at",
-                "created_at",
-                "lease",
-            ],
-            source,
-        )
-        .returning(jobs.c.id, jobs.c.queue)
-        .cte("inserted")
-    )
-    if not notify:
-        return sa.select(inserted.c.id)
-    return sa.select(inserted.c.id, sa.func.pg_notify(sa.bindparam("channel"), inserted.c.queue))
-
-
-_PG_INSERT_NOTIFY = _pg_insert_statement(notify=True)
-_PG_INSERT_QUIET = _pg_insert_statement(notify=False)
 # Rows are written in the order given and each takes the next rowid, under the write
 # lock: ascending ids are the input order (asking SQLAlchemy to sort would cost a
 # statement per row).
 _SQLITE_INSERT = sa.insert(jobs).returning(jobs.c.id)
 
 
-_PG_DIALECT = psycopg_dialect.dialect()  # type: ignore[no-untyped-call]
+def _pg_insert(
+    db: Database, conn: Connection, new_jobs: Sequence[NewJob], notify: bool
+) -> list[int]:
+    """One round trip for any number of jobs (see ``_sql.pg_insert_sql``)."""
+    first = new_jobs[0]
+    params: dict[str, Any] = {
+        "name": first.name,
+        "queue": first.queue,
+        "priority": first.priority,
+        "serializer": first.serializer,
+        "max_attempts": first.max_attempts,
+        "timeout": first.timeout,
+        "run_at": first.run_at,
+        "delay_s": first.delay_s,
+        "channel": db.notify_channel,
+    }
+    if len(new_jobs) == 1:
+        shape = "one"
+        params["args"] = _json_text(first)
+        params["args_pickle"] = first.args_pickle
+    elif first.serializer == "json" and all(first.same_but_args(j) for j in new_jobs):
+        shape = "same"  # defer_many: only the arguments differ
+        params["args"] = json.dumps([j.args for j in new_jobs], separators=(",", ":"))
+    else:
+        shape = "many"
+        params = {"rows": _pg_rows_json(new_jobs), "channel": db.notify_channel}
+    sql = pg_insert_sql(db.schema, shape=shape, notify=notify)
+    return sorted(row[0] for row in db.driver_execute(conn, sql, params))
 
 
-@functools.lru_cache(maxsize=32)
-def _pg_insert_sql(notify: bool, schema: str | None) -> str:
-    statement = _PG_INSERT_NOTIFY if notify else _PG_INSERT_QUIET
-    translate = None if schema is None else {None: schema}
-    compiled = statement.compile(
-        dialect=_PG_DIALECT, schema_translate_map=translate, render_schema_translate=True
-    )
-    return str(compiled)
+def _json_text(job: NewJob) -> str | None:
+    if job.args is None:
+        return None
+    return job.args_json or json.dumps(job.args, separators=(",", ":"))
 
 
 def _pg_rows_json(new_jobs: Sequence[NewJob]) -> str:
@@ -161,13 +106,8 @@ def jobs_insert(
 def _jobs_insert_on(
     db: Database, conn: Connection, new_jobs: Sequence[NewJob], notify: bool
 ) -> list[int]:
-    options = db.execution_options
     if conn.dialect.name == "postgresql":
-        sql = _pg_insert_sql(notify, db.schema)
-        params = {"rows": _pg_rows_json(new_jobs), "channel": db.notify_channel}
-        # Pre-compiled text: the enqueue path is bound by round trips and commits, and
-        # this skips SQLAlchemy's compile-cache lookup and parameter processing.
-        return sorted(row[0] for row in conn.exec_driver_sql(sql, params))
+        return _pg_insert(db, conn, new_jobs, notify)
     now = utcnow()
     rows = [
         {
@@ -188,7 +128,7 @@ def _jobs_insert_on(
         }
         for j in new_jobs
     ]
-    result = conn.execute(_SQLITE_INSERT, rows, execution_options=options)
+    result = conn.execute(_SQLITE_INSERT, rows, execution_options=db.execution_options)
     return sorted(row[0] for row in result)
 
 

@@ -41,6 +41,21 @@ class NewJob:
     args_pickle: bytes | None
     run_at: dt.datetime | None = None
     delay_s: float = 0.0
+    #: ``args`` as JSON text, when the caller already has it.
+    args_json: str | None = None
+
+    def same_but_args(self, other: NewJob) -> bool:
+        """Whether the two rows differ in their arguments only (one bulk statement)."""
+        return (
+            self.name == other.name
+            and self.queue == other.queue
+            and self.priority == other.priority
+            and self.max_attempts == other.max_attempts
+            and self.timeout == other.timeout
+            and self.serializer == other.serializer
+            and self.run_at == other.run_at
+            and self.delay_s == other.delay_s
+        )
 
 
 @dataclass(frozen=True, slots=True)
