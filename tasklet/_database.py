@@ -189,15 +189,15 @@ class Database:
         driver: Any = conn.connection.dbapi_connection
         dbapi = self.engine.dialect.loaded_dbapi
         events = conn.dispatch
+        cursor = driver.cursor()
         try:
-            with driver.cursor() as cursor:
-                if events.before_cursor_execute:
-                    events.before_cursor_execute(conn, cursor, sql, params, None, False)
-                cursor.execute(sql, params)
-                rows = list(cursor.fetchall())
-                if events.after_cursor_execute:
-                    events.after_cursor_execute(conn, cursor, sql, params, None, False)
-                return rows
+            if events.before_cursor_execute:
+                events.before_cursor_execute(conn, cursor, sql, params, None, False)
+            cursor.execute(sql, params)
+            rows = list(cursor.fetchall())
+            if events.after_cursor_execute:
+                events.after_cursor_execute(conn, cursor, sql, params, None, False)
+            return rows
         except dbapi.Error as error:
             invalidated = self.engine.dialect.is_disconnect(error, driver, None)
             if invalidated:
@@ -205,6 +205,8 @@ class Database:
             raise exc.DBAPIError.instance(
                 sql, params, error, dbapi.Error, connection_invalidated=invalidated
             ) from error
+        finally:
+            cursor.close()
 
     @contextlib.contextmanager
     def begin(self, *, read_only: bool = False) -> Iterator[Connection]:
@@ -218,9 +220,8 @@ class Database:
     def autocommit(self) -> Iterator[Connection]:
         """A connection whose every statement commits on its own (one round trip each)."""
         with self.translate_errors():
-            if self.dialect == "sqlite":
-                with self.begin() as conn:
-                    yield conn
-                return
-            with self.autocommit_engine.connect() as conn:
+            # SQLite: tasklet's connections are in the driver's autocommit mode until
+            # a transaction begins (see _setup_sqlite), so this needs no other engine.
+            engine = self.engine if self.dialect == "sqlite" else self.autocommit_engine
+            with engine.connect() as conn:
                 yield conn

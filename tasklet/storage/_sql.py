@@ -92,6 +92,31 @@ def pg_insert_sql(schema: str | None, *, shape: str, notify: bool) -> str:
     return f"WITH inserted AS ({insert}) SELECT id, pg_notify(%(channel)s, queue) FROM inserted"
 
 
+# SQLite: one row, or rows that differ in their arguments only (JSON1's json_each).
+# Timestamps are naive UTC text (see rows.sqlite_time), bound by the caller.
+_SQLITE_INSERT_ONE = """
+INSERT INTO jobs ({columns})
+VALUES (:name, :queue, :priority, 'queued', :serializer, :args, :args_pickle, 0,
+        :max_attempts, 0, :timeout, :run_at, :now, 0)
+RETURNING id
+"""
+_SQLITE_INSERT_SAME = """
+INSERT INTO jobs ({columns})
+SELECT :name, :queue, :priority, 'queued', :serializer, a.value, NULL, 0,
+       :max_attempts, 0, :timeout, :run_at, :now, 0
+  FROM json_each(:args) AS a
+ ORDER BY a.key
+RETURNING id
+"""
+SQLITE_INSERTS = {
+    shape: sql.format(columns=_INSERT_COLUMNS)
+    for shape, sql in (
+        ("one", _SQLITE_INSERT_ONE),
+        ("same", _SQLITE_INSERT_SAME),
+    )
+}
+
+
 # The worker's two statements per batch, as text: PostgreSQL-only constructs
 # (LATERAL, recursive skip scan, json_to_recordset) that read better as SQL.
 
@@ -176,3 +201,43 @@ def pg_claim_sql(schema: str | None, all_queues: bool) -> str:
 @functools.lru_cache(maxsize=64)
 def pg_finish_sql(schema: str | None) -> str:
     return _PG_FINISH.format(jobs=table(schema, "jobs"), job_runs=table(schema, "job_runs"))
+
+
+# SQLite's worker statements, with the lists and the batch as JSON (JSON1).
+SQLITE_CLAIM = """
+UPDATE jobs
+   SET status = 'running', attempts = attempts + 1, locked_by = :worker_id,
+       started_at = :now, lease = lease + 1
+ WHERE id IN (
+       SELECT id FROM jobs
+        WHERE status = 'queued' {queue_filter}
+          AND name IN (SELECT value FROM json_each(:names)) AND run_at <= :now
+        ORDER BY priority, run_at, id
+        LIMIT :limit)
+RETURNING id, name, queue, priority, serializer, args, args_pickle, attempts, max_attempts,
+          timeout, run_at, lease
+"""
+SQLITE_QUEUE_FILTER = "AND queue IN (SELECT value FROM json_each(:queues))"
+
+SQLITE_FINISH = """
+UPDATE jobs
+   SET status = g.value ->> 'status',
+       locked_by = NULL,
+       last_error = g.value ->> 'error',
+       attempts = jobs.attempts - (g.value ->> 'refund'),
+       finished_at = g.value ->> 'finished_at',
+       run_at = coalesce(g.value ->> 'run_at', jobs.run_at)
+  FROM json_each(:batch) AS g
+ WHERE jobs.id = g.value ->> 'job_id' AND jobs.lease = g.value ->> 'lease'
+   AND jobs.status = 'running'
+RETURNING jobs.id
+"""
+
+SQLITE_RECORD_RUNS = """
+INSERT INTO job_runs
+       (job_id, attempt, worker_id, outcome, started_at, finished_at, error, traceback, result)
+SELECT g.value ->> 'job_id', g.value ->> 'attempt', g.value ->> 'worker_id',
+       g.value ->> 'outcome', g.value ->> 'started_at', g.value ->> 'finished_at',
+       g.value ->> 'error', g.value ->> 'traceback', g.value -> 'result'
+  FROM json_each(:runs) AS g
+"""

@@ -18,8 +18,18 @@ from sqlalchemy.engine import Connection
 
 from .._database import Database
 from ..schema import job_runs, jobs, workers
-from ._sql import ago, in_queues, now, pg_claim_sql, pg_finish_sql, stamp
-from .rows import ClaimedJob, Completion, JobRow, as_utc, sqlite_time, utcnow
+from ._sql import (
+    SQLITE_CLAIM,
+    SQLITE_FINISH,
+    SQLITE_QUEUE_FILTER,
+    SQLITE_RECORD_RUNS,
+    ago,
+    now,
+    pg_claim_sql,
+    pg_finish_sql,
+    stamp,
+)
+from .rows import ClaimedJob, Completion, JobRow, as_utc, sqlite_text, utcnow
 
 _TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -50,7 +60,9 @@ class Claimer:
             return self._claim_sqlite(limit)
         with self._db.translate_errors():
             try:
-                rows = self._connection().exec_driver_sql(
+                conn = self._connection()
+                rows = self._db.driver_execute(
+                    conn,
                     pg_claim_sql(self._db.schema, self._queues is None),
                     {
                         "worker_id": self._worker_id,
@@ -82,39 +94,26 @@ class Claimer:
         conn.close()
 
     def _claim_sqlite(self, limit: int) -> list[ClaimedJob]:
-        with self._db.begin() as conn:
-            due = (
-                sa.select(jobs.c.id)
-                .where(
-                    jobs.c.status == "queued",
-                    in_queues(self._queues),
-                    jobs.c.name.in_(self._names),
-                    jobs.c.run_at <= now(conn),
-                )
-                .order_by(jobs.c.priority, jobs.c.run_at, jobs.c.id)
-                .limit(limit)
-            )
-            claim = (
-                sa.update(jobs)
-                .where(jobs.c.id.in_(due.scalar_subquery()))
-                .values(
-                    status="running",
-                    attempts=jobs.c.attempts + 1,
-                    locked_by=self._worker_id,
-                    started_at=now(conn),
-                    lease=jobs.c.lease + 1,
-                )
-                .returning(*(jobs.c[name] for name in ClaimedJob.__slots__))
-            )
-            rows = conn.execute(claim, execution_options=self._db.execution_options).all()
-        claimed = [_claimed(row) for row in rows]
+        # One statement: atomic, and it holds the write lock only while it runs.
+        sql = SQLITE_CLAIM.format(queue_filter="" if self._queues is None else SQLITE_QUEUE_FILTER)
+        params = {
+            "worker_id": self._worker_id,
+            "now": sqlite_text(utcnow()),
+            "queues": json.dumps(self._queues),
+            "names": json.dumps(self._names),
+            "limit": limit,
+        }
+        with self._db.autocommit() as conn:
+            rows = self._db.driver_execute(conn, sql, params)
+        claimed = [_sqlite_claimed(row) for row in rows]
         claimed.sort(key=lambda j: (j.priority, j.run_at, j.id))
         return claimed
 
 
-def _claimed(row: sa.Row[Any]) -> ClaimedJob:
+def _sqlite_claimed(row: Any) -> ClaimedJob:
     values = list(row)
-    values[10] = as_utc(values[10])  # run_at: SQLite hands it back naive
+    values[5] = None if values[5] is None else json.loads(values[5])  # args: JSON text
+    values[10] = as_utc(dt.datetime.fromisoformat(values[10]))  # run_at: naive UTC text
     return ClaimedJob(*values)
 
 
@@ -141,7 +140,7 @@ def jobs_finish(db: Database, completions: Sequence[Completion]) -> set[int]:
     if db.dialect == "postgresql":
         with db.autocommit() as conn:
             batch = json.dumps([_finish_row(c) for c in completions], separators=(",", ":"))
-            rows = conn.exec_driver_sql(pg_finish_sql(db.schema), {"batch": batch})
+            rows = db.driver_execute(conn, pg_finish_sql(db.schema), {"batch": batch})
             return {row[0] for row in rows}
     with db.begin() as conn:
         return _sqlite_finish(db, conn, completions)
@@ -166,55 +165,44 @@ def _finish_row(c: Completion) -> dict[str, Any]:
     }
 
 
-# SQLite: one executemany per batch. The batch runs under the write lock, so the
-# jobs found running under their leases are exactly those the update will change.
-_SQLITE_FINISH = (
-    sa.update(jobs)
-    .where(jobs.c.id == sa.bindparam("b_id"))
-    .values(
-        status=sa.bindparam("b_status"),
-        locked_by=None,
-        last_error=sa.bindparam("b_error"),
-        attempts=jobs.c.attempts - sa.bindparam("b_refund", type_=sa.Integer()),
-        finished_at=sa.bindparam("b_finished_at", type_=sa.DateTime()),
-        run_at=sa.func.coalesce(sa.bindparam("b_run_at", type_=sa.DateTime()), jobs.c.run_at),
-    )
-)
-
-
 def _sqlite_finish(db: Database, conn: Connection, completions: Sequence[Completion]) -> set[int]:
-    options = db.execution_options
-    held = sa.select(jobs.c.id, jobs.c.lease).where(
-        jobs.c.id.in_([c.job_id for c in completions]), jobs.c.status == "running"
-    )
-    leases: dict[int, int] = {
-        job_id: lease for job_id, lease in conn.execute(held, execution_options=options)
-    }
-    applying = [c for c in completions if leases.get(c.job_id) == c.lease]
-    if not applying:
-        return set()
     current = utcnow()
-    conn.execute(
-        _SQLITE_FINISH,
-        [
-            {
-                "b_id": c.job_id,
-                "b_status": c.status,
-                "b_error": c.error,
-                "b_refund": int(c.refund),
-                "b_finished_at": sqlite_time(c.finished_at) if c.status in _TERMINAL else None,
-                "b_run_at": sqlite_time(current + dt.timedelta(seconds=c.delay_s))
-                if c.status == "queued"
-                else None,
-            }
-            for c in applying
-        ],
-        execution_options=options,
-    )
-    runs = [_run_values(conn, c) for c in applying if c.record]
+    batch = [
+        {
+            "job_id": c.job_id,
+            "lease": c.lease,
+            "status": c.status,
+            "error": c.error,
+            "refund": int(c.refund),
+            "finished_at": sqlite_text(c.finished_at) if c.status in _TERMINAL else None,
+            "run_at": sqlite_text(current + dt.timedelta(seconds=c.delay_s))
+            if c.status == "queued"
+            else None,
+        }
+        for c in completions
+    ]
+    rows = db.driver_execute(conn, SQLITE_FINISH, {"batch": json.dumps(batch)})
+    applied = {row[0] for row in rows}
+    runs = [_sqlite_run(c) for c in completions if c.record and c.job_id in applied]
     if runs:
-        conn.execute(sa.insert(job_runs), runs, execution_options=options)
-    return {c.job_id for c in applying}
+        db.driver_execute(conn, SQLITE_RECORD_RUNS, {"runs": json.dumps(runs)})
+    return applied
+
+
+def _sqlite_run(c: Completion) -> dict[str, Any]:
+    run = {
+        "job_id": c.job_id,
+        "attempt": c.attempt,
+        "worker_id": c.worker_id,
+        "outcome": c.outcome,
+        "started_at": None if c.started_at is None else sqlite_text(c.started_at),
+        "finished_at": sqlite_text(c.finished_at),
+        "error": c.error,
+        "traceback": c.traceback,
+    }
+    if c.result is not None:  # absent, not JSON null: the column stays SQL NULL
+        run["result"] = c.result
+    return run
 
 
 def _run_values(conn: Connection, c: Completion) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from sqlalchemy.engine import Connection
 
 from .._database import Database
 from ..schema import job_runs, jobs
-from ._sql import in_queues, now, pg_insert_sql
-from .rows import JobRow, NewJob, RunRow, as_utc, sqlite_time, utcnow
+from ._sql import SQLITE_INSERTS, in_queues, now, pg_insert_sql
+from .rows import JobRow, NewJob, RunRow, as_utc, sqlite_text, sqlite_time, utcnow
 
 # Rows are written in the order given and each takes the next rowid, under the write
 # lock: ascending ids are the input order (asking SQLAlchemy to sort would cost a
@@ -108,7 +108,31 @@ def _jobs_insert_on(
 ) -> list[int]:
     if conn.dialect.name == "postgresql":
         return _pg_insert(db, conn, new_jobs, notify)
+    return _sqlite_insert(db, conn, new_jobs)
+
+
+def _sqlite_insert(db: Database, conn: Connection, new_jobs: Sequence[NewJob]) -> list[int]:
     now = utcnow()
+    first = new_jobs[0]
+    if first.serializer == "json" and all(first.same_but_args(j) for j in new_jobs):
+        # One statement, even outside a transaction: atomic, and it takes the write
+        # lock (waiting up to the busy timeout) only while it runs.
+        params: dict[str, Any] = {
+            "name": first.name,
+            "queue": first.queue,
+            "priority": first.priority,
+            "serializer": first.serializer,
+            "max_attempts": first.max_attempts,
+            "timeout": first.timeout,
+            "run_at": sqlite_text(first.run_at or now + dt.timedelta(seconds=first.delay_s)),
+            "now": sqlite_text(now),
+        }
+        if len(new_jobs) == 1:
+            shape, params["args"], params["args_pickle"] = "one", _json_text(first), None
+        else:
+            shape = "same"
+            params["args"] = json.dumps([j.args for j in new_jobs], separators=(",", ":"))
+        return sorted(row[0] for row in db.driver_execute(conn, SQLITE_INSERTS[shape], params))
     rows = [
         {
             "name": j.name,
@@ -128,6 +152,10 @@ def _jobs_insert_on(
         }
         for j in new_jobs
     ]
+    if not conn.in_transaction():
+        with conn.begin():
+            result = conn.execute(_SQLITE_INSERT, rows, execution_options=db.execution_options)
+            return sorted(row[0] for row in result)
     result = conn.execute(_SQLITE_INSERT, rows, execution_options=db.execution_options)
     return sorted(row[0] for row in result)
 

@@ -27,6 +27,11 @@ def sqlite_time(value: dt.datetime) -> dt.datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
 
 
+def sqlite_text(value: dt.datetime) -> str:
+    """The text SQLAlchemy's SQLite DateTime stores (naive UTC, always with microseconds)."""
+    return sqlite_time(value).isoformat(sep=" ", timespec="microseconds")
+
+
 @dataclass(frozen=True, slots=True)
 class NewJob:
     """A row to insert into ``jobs``: when it is due is ``run_at``, or ``delay_s`` from now."""
