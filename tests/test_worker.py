@@ -549,3 +549,23 @@ def test_result_that_json_cannot_carry_is_recorded_as_null(db: Database) -> None
 
     (run,) = storage.job_runs_list(db, handle.id)
     assert (run.outcome, run.result) == ("succeeded", None)
+
+
+def test_a_job_whose_notification_was_left_out_still_starts_promptly(pg_db: Database) -> None:
+    started: dict[int, threading.Event] = {1: threading.Event(), 2: threading.Event()}
+
+    @job(name="t.burst")
+    def burst(n: int) -> None:
+        started[n].set()
+
+    def insert(n: int, *, notify: bool) -> None:
+        storage.jobs_insert(pg_db, [burst.new_row(burst._options, (), {"n": n})], notify=notify)
+
+    with BackgroundWorker(WorkerSettings(poll_s=600)) as worker:
+        assert worker.idle.wait(10)
+        insert(1, notify=True)
+        assert started[1].wait(10)
+        # A defer in the same burst sends no NOTIFY (tasklet._wakeup): the worker that
+        # heard the burst's first notification must still find it, long before its poll.
+        insert(2, notify=False)
+        assert started[2].wait(5), "a job deferred without NOTIFY waited for the poll"
