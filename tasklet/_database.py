@@ -9,13 +9,14 @@ use a plain ``BEGIN`` so they never wait behind writers.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import importlib.util
 import re
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -28,6 +29,7 @@ from .errors import DatabaseUnavailableError, SchemaMissingError, TaskletError
 
 Dialect = Literal["postgresql", "sqlite"]
 _READ_ONLY = "tasklet_read_only"
+_ASYNC_IDLE_MAX = 4
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _MIGRATE_HINT = "run `tasklet migrate` (or `alembic upgrade head` from a clone of tasklet)"
 #: SQLite engines that already carry tasklet's listeners: a shared engine handed to
@@ -79,6 +81,13 @@ def create_engine(settings: Settings) -> Engine:
     return sa.create_engine(url, pool_size=10, max_overflow=20)
 
 
+def _finish_connections(connections: list[Any]) -> None:
+    """Close async psycopg connections without awaiting: their loop may be gone."""
+    for conn in connections:
+        conn.pgconn.finish()
+    connections.clear()
+
+
 @dataclass(eq=False)
 class Database:
     """One database tasklet reads and writes, with the options every statement needs."""
@@ -87,6 +96,10 @@ class Database:
     schema: str | None
     settings: Settings
     owns_engine: bool
+    _async_idle: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[Any]] = field(
+        default_factory=weakref.WeakKeyDictionary, repr=False
+    )
+    _async_all: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
@@ -143,6 +156,9 @@ class Database:
         return self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def dispose(self) -> None:
+        _finish_connections(list(self._async_all))
+        self._async_all.clear()
+        self._async_idle.clear()
         if self.owns_engine:
             if "autocommit_engine" in self.__dict__:
                 self.autocommit_engine.dispose()
@@ -177,6 +193,60 @@ class Database:
                 f"(check TASKLET_DATABASE_URL or tasklet.configure())"
             )
         return error
+
+    @property
+    def conninfo(self) -> str:
+        """The URL as libpq takes it, for connections tasklet opens with psycopg itself."""
+        url = self.engine.url.set(drivername="postgresql")
+        return url.render_as_string(hide_password=False)
+
+    async def driver_execute_async(self, sql: str, params: dict[str, Any]) -> list[Any]:
+        """:meth:`driver_execute` on an async psycopg connection in autocommit (PostgreSQL).
+
+        Lets ``defer_async`` enqueue without a thread hop. A few idle connections
+        are kept per event loop, and closed with the loop or by :meth:`dispose`.
+        """
+        import psycopg
+
+        with self.translate_errors():
+            idle = self._idle_async_connections()
+            try:
+                conn = idle.pop() if idle else await self._async_connect()
+            except psycopg.Error as error:  # while connecting: no statement ran
+                raise exc.DBAPIError.instance(None, None, error, psycopg.Error) from error
+            try:
+                cursor = await conn.execute(sql, params)
+                rows = await cursor.fetchall()
+            except psycopg.Error as error:
+                await conn.close()
+                raise exc.DBAPIError.instance(
+                    sql,
+                    params,
+                    error,
+                    psycopg.Error,
+                    connection_invalidated=isinstance(error, psycopg.OperationalError),
+                ) from error
+        if len(idle) < _ASYNC_IDLE_MAX:
+            idle.append(conn)
+        else:
+            await conn.close()
+        return list(rows)
+
+    def _idle_async_connections(self) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        idle = self._async_idle.get(loop)
+        if idle is None:
+            idle = self._async_idle[loop] = []
+            # Close what is left when the loop goes away (it cannot be awaited then).
+            weakref.finalize(loop, _finish_connections, idle)
+        return idle
+
+    async def _async_connect(self) -> Any:
+        import psycopg
+
+        conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+        self._async_all.add(conn)
+        return conn
 
     def driver_execute(self, conn: Connection, sql: str, params: dict[str, Any]) -> list[Any]:
         """Run pre-compiled SQL on ``conn``'s driver connection, in its transaction.

@@ -242,7 +242,12 @@ class Deferrer(Generic[P]):
 
             ids = await connection.run_sync(insert)
             return [JobHandle(id=job_id, name=self._job.name) for job_id in ids]
-        return await anyio.to_thread.run_sync(self._insert, rows)
+        if connection is not None:
+            return await anyio.to_thread.run_sync(self._insert, rows)
+        db = _config.database()
+        ids = await storage.jobs_insert_async(db, rows, notify=_wakeup.notify_now(db.wake_key))
+        _wakeup.publish(db.wake_key, {row.queue for row in rows})
+        return [JobHandle(id=job_id, name=self._job.name) for job_id in ids]
 
 
 class Job(Deferrer[P], Generic[P, R]):
@@ -401,6 +406,18 @@ class Job(Deferrer[P], Generic[P, R]):
         delay_s: float = 0.0,
     ) -> storage.NewJob:
         payload, text, pickled = self.encode(self.bind(args, kwargs))
+        return self._row(options, payload, text, pickled, run_at=run_at, delay_s=delay_s)
+
+    def _row(
+        self,
+        options: EnqueueOptions,
+        payload: dict[str, Any] | None,
+        text: str | None,
+        pickled: bytes | None,
+        *,
+        run_at: dt.datetime | None = None,
+        delay_s: float = 0.0,
+    ) -> storage.NewJob:
         return storage.NewJob(
             name=self.name,
             queue=options.queue,
@@ -424,16 +441,7 @@ class Job(Deferrer[P], Generic[P, R]):
             return [self.new_row(options, (), kwargs) for kwargs in bound]
         limit = _config.database().settings.max_payload_bytes
         return [
-            storage.NewJob(
-                name=self.name,
-                queue=options.queue,
-                priority=options.priority,
-                max_attempts=options.max_attempts,
-                timeout=options.timeout,
-                serializer=self.serializer,
-                args=payload,
-                args_pickle=None,
-            )
+            self._row(options, payload, None, None)
             for payload in _codec.encode_json_many(bound, limit)
         ]
 

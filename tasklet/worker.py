@@ -288,10 +288,11 @@ class Worker:
         db = self.db
         if db.dialect != "postgresql":
             return None
-        url = db.engine.url.set(drivername="postgresql")
-        conninfo = url.render_as_string(hide_password=False)
         return _wakeup.PostgresListener(
-            conninfo, db.notify_channel, self._notify_threadsafe, name=f"tasklet-listener {self.id}"
+            db.conninfo,
+            db.notify_channel,
+            self._notify_threadsafe,
+            name=f"tasklet-listener {self.id}",
         )
 
     async def _watch_sqlite(self) -> None:
@@ -562,21 +563,11 @@ def _log_outcome(row: storage.ClaimedJob, outcome: Outcome, seconds: float) -> N
         log.info(
             "job %d %s attempt %d interrupted; back in the queue", row.id, row.name, row.attempts
         )
-    elif step is not None and step.will_retry:
-        log.warning(
-            "job %d %s attempt %d/%d %s in %.3fs: %s; retry in %.1fs",
-            row.id,
-            row.name,
-            row.attempts,
-            row.max_attempts,
-            outcome.kind.replace("_", " "),
-            seconds,
-            outcome.error_text,
-            step.delay_s,
-        )
     else:
-        log.error(
-            "job %d %s attempt %d/%d %s in %.3fs, no retry: %s",
+        retry = step is not None and step.will_retry
+        log.log(
+            logging.WARNING if retry else logging.ERROR,
+            "job %d %s attempt %d/%d %s in %.3fs: %s; %s",
             row.id,
             row.name,
             row.attempts,
@@ -584,7 +575,8 @@ def _log_outcome(row: storage.ClaimedJob, outcome: Outcome, seconds: float) -> N
             outcome.kind.replace("_", " "),
             seconds,
             outcome.error_text,
-            exc_info=outcome.error,
+            f"retry in {step.delay_s:.1f}s" if retry and step else "no retry",
+            exc_info=None if retry else outcome.error,
         )
 
 

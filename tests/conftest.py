@@ -7,6 +7,7 @@ skipped, except under CI=true, where that is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -68,6 +69,23 @@ class Backend:
         else:
             env.pop("TASKLET_SCHEMA", None)
         return env
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[sa.Connection]:
+        """A plain connection (not tasklet's engine) that sees only this backend's tables."""
+        engine = sa.create_engine(self.url)
+        try:
+            with engine.connect() as conn:
+                if self.schema is not None:
+                    conn.exec_driver_sql(f'SET search_path TO "{self.schema}"')
+                    conn.commit()
+                yield conn
+        finally:
+            engine.dispose()
+
+    def table_names(self) -> set[str]:
+        with self.connect() as conn:
+            return set(sa.inspect(conn).get_table_names())
 
     def configure(self) -> Database:
         tasklet.configure(self.url, schema=self.schema)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import make_url
 
@@ -38,24 +35,6 @@ def tasklet_module(*args: str) -> list[str]:
     return [sys.executable, "-m", "tasklet", *args]
 
 
-@contextlib.contextmanager
-def connect(backend: Backend) -> Iterator[sa.Connection]:
-    engine = sa.create_engine(backend.url)
-    try:
-        with engine.connect() as conn:
-            if backend.schema is not None:
-                conn.exec_driver_sql(f'SET search_path TO "{backend.schema}"')
-                conn.commit()
-            yield conn
-    finally:
-        engine.dispose()
-
-
-def table_names(backend: Backend) -> set[str]:
-    with connect(backend) as conn:
-        return set(sa.inspect(conn).get_table_names())
-
-
 def where(backend: Backend) -> str:
     """How the CLI names the backend's database in its messages."""
     url = make_url(backend.url)
@@ -75,14 +54,14 @@ def test_migrate_creates_the_tables_in_an_empty_database(
 
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"tasklet: upgraded {where(empty_backend)} from base to {HEAD} (head)\n"
-    assert table_names(empty_backend) == TASKLET_TABLES | {VERSION_TABLE}
+    assert empty_backend.table_names() == TASKLET_TABLES | {VERSION_TABLE}
 
 
 def test_console_script_migrates_an_empty_database(empty_backend: Backend, tmp_path: Path) -> None:
     result = run([str(BIN / "tasklet"), "migrate"], empty_backend.env, tmp_path)
 
     assert result.returncode == 0, result.stderr
-    assert table_names(empty_backend) >= TASKLET_TABLES
+    assert empty_backend.table_names() >= TASKLET_TABLES
 
 
 def test_migrate_on_a_migrated_database_reports_nothing_to_do(
@@ -101,7 +80,7 @@ def test_migrate_down_base_removes_the_tables(backend: Backend, tmp_path: Path) 
 
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"tasklet: downgraded {where(backend)} from {HEAD} (head) to base\n"
-    assert not table_names(backend) & TASKLET_TABLES
+    assert not backend.table_names() & TASKLET_TABLES
 
 
 def test_migrate_down_without_a_revision_is_refused_and_drops_nothing(
@@ -111,7 +90,7 @@ def test_migrate_down_without_a_revision_is_refused_and_drops_nothing(
 
     assert result.returncode == 2
     assert "--down needs a REVISION" in result.stderr
-    assert table_names(backend) >= TASKLET_TABLES
+    assert backend.table_names() >= TASKLET_TABLES
 
 
 def test_options_take_precedence_over_the_environment(
@@ -126,7 +105,7 @@ def test_options_take_precedence_over_the_environment(
     result = run(tasklet_module(*options, "migrate"), env, tmp_path)
 
     assert result.returncode == 0, result.stderr
-    assert table_names(empty_backend) >= TASKLET_TABLES
+    assert empty_backend.table_names() >= TASKLET_TABLES
 
 
 # ------------------------------------------------------------- failures: one line, no traceback
@@ -247,7 +226,7 @@ def test_installed_console_script_migrates_an_empty_database(
     result = run([str(installed / "tasklet"), "migrate"], outside_env(empty_backend.env), cwd)
 
     assert result.returncode == 0, result.stderr
-    assert table_names(empty_backend) == TASKLET_TABLES | {VERSION_TABLE}
+    assert empty_backend.table_names() == TASKLET_TABLES | {VERSION_TABLE}
     assert list(cwd.iterdir()) == []
 
 

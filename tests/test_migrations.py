@@ -38,27 +38,8 @@ HEAD = ScriptDirectory(str(script_location())).get_current_head()
 TASKLET_TABLES = {"jobs", "job_runs", "workers"}
 
 
-@contextlib.contextmanager
-def connect(backend: Backend) -> Iterator[Connection]:
-    """A plain connection (not tasklet's engine) that sees only the backend's tables."""
-    engine = sa.create_engine(backend.url)
-    try:
-        with engine.connect() as conn:
-            if backend.schema is not None:
-                conn.exec_driver_sql(f'SET search_path TO "{backend.schema}"')
-                conn.commit()
-            yield conn
-    finally:
-        engine.dispose()
-
-
-def table_names(backend: Backend) -> set[str]:
-    with connect(backend) as conn:
-        return set(sa.inspect(conn).get_table_names())
-
-
 def version_rows(backend: Backend, table: str = VERSION_TABLE) -> list[str]:
-    with connect(backend) as conn:
+    with backend.connect() as conn:
         return list(conn.execute(sa.text(f"SELECT version_num FROM {table}")).scalars())
 
 
@@ -76,7 +57,7 @@ def only_tasklet_tables(
 
 
 def differences(backend: Backend, target: sa.MetaData) -> list[Any]:
-    with connect(backend) as conn:
+    with backend.connect() as conn:
         if backend.schema is not None:  # reflection must look at the test's schema
             assert conn.exec_driver_sql("SELECT current_schema()").scalar() == backend.schema
         context = MigrationContext.configure(
@@ -159,7 +140,7 @@ def test_migrations_build_the_same_constraints_and_indexes_as_create_all(
 ) -> None:
     tasklet.upgrade()
 
-    with connect(empty_backend) as migrated, connect(created_by_metadata) as created:
+    with empty_backend.connect() as migrated, created_by_metadata.connect() as created:
         described = _describe(migrated)
         assert described == _describe(created)
     assert any(checks for checks in (t["checks"] for t in described.values()))
@@ -170,11 +151,11 @@ def test_migrations_build_the_same_constraints_and_indexes_as_create_all(
 
 
 def test_downgrade_to_base_removes_jobs_job_runs_and_workers(backend: Backend) -> None:
-    assert table_names(backend) >= TASKLET_TABLES
+    assert backend.table_names() >= TASKLET_TABLES
 
     tasklet.downgrade("base")
 
-    assert not TASKLET_TABLES & table_names(backend)
+    assert not TASKLET_TABLES & backend.table_names()
     assert version_rows(backend) == []
 
 
@@ -187,7 +168,7 @@ def test_upgrade_after_downgrade_recreates_tables_that_accept_jobs(backend: Back
     def recreated(n: int) -> None: ...
 
     handle = recreated.defer(n=1)
-    with connect(backend) as conn:
+    with backend.connect() as conn:
         rows = conn.execute(sa.text("SELECT id, name, status FROM jobs")).all()
     assert [tuple(r) for r in rows] == [(handle.id, "migrations.recreated", "queued")]
 
@@ -209,13 +190,13 @@ def test_progress_is_recorded_in_tasklet_alembic_version_not_alembic_version(
     backend: Backend,
 ) -> None:
     assert version_rows(backend) == [HEAD]
-    assert "alembic_version" not in table_names(backend)
+    assert "alembic_version" not in backend.table_names()
 
 
 def test_application_alembic_version_is_untouched_by_tasklet_migrations(
     empty_backend: Backend,
 ) -> None:
-    with connect(empty_backend) as conn:
+    with empty_backend.connect() as conn:
         if empty_backend.schema is not None:  # the application's table beside tasklet's
             conn.exec_driver_sql(f'CREATE SCHEMA "{empty_backend.schema}"')
         conn.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
@@ -258,7 +239,7 @@ def test_tasklet_migrate_after_alembic_upgrade_head_has_nothing_to_do(
     assert migrated.returncode == 0, migrated.stderr
     assert f"already at {HEAD} (head): nothing to do" in migrated.stdout
     assert version_rows(empty_backend) == [HEAD]
-    with connect(empty_backend) as conn:
+    with empty_backend.connect() as conn:
         assert conn.execute(sa.text("SELECT id FROM jobs")).scalars().all() == [handle.id]
 
 
@@ -302,7 +283,7 @@ def test_offline_sql_targets_the_schema_and_touches_no_database(empty_backend: B
             raw.execute(offline.stdout.encode())
 
     # The script, applied by hand, builds what tasklet migrate would have built.
-    assert TASKLET_TABLES | {VERSION_TABLE} == table_names(empty_backend)
+    assert TASKLET_TABLES | {VERSION_TABLE} == empty_backend.table_names()
     assert differences(empty_backend, metadata) == []
 
 
@@ -363,7 +344,7 @@ def test_concurrent_migrators_both_succeed_and_migrate_once(fresh_schema: str) -
     assert sorted("nothing to do" in out for out in outputs) == [False, True], outputs
     plain = Backend("postgres", POSTGRES_URL, fresh_schema)
     assert version_rows(plain) == [HEAD]
-    assert table_names(plain) >= TASKLET_TABLES
+    assert plain.table_names() >= TASKLET_TABLES
 
 
 def _wait_for_waiters(
@@ -396,7 +377,7 @@ def _application_diff(backend: Backend, hook: Any) -> list[tuple[str, str]]:
     app = sa.MetaData()
     sa.Table("users", app, sa.Column("id", sa.Integer(), primary_key=True))
     sa.Table("orders", app, sa.Column("id", sa.Integer(), primary_key=True))
-    with connect(backend) as conn:
+    with backend.connect() as conn:
         conn.exec_driver_sql("CREATE TABLE users (id INTEGER NOT NULL PRIMARY KEY)")
         conn.commit()
         opts = {} if hook is None else {"include_object": hook}
@@ -484,4 +465,4 @@ def test_application_env_py_can_run_tasklet_upgrade_before_its_own_migrations(
 
     assert version_rows(empty_backend, "alembic_version") == ["app_0001"]
     assert version_rows(empty_backend) == [HEAD]
-    assert table_names(empty_backend) >= TASKLET_TABLES | {"users"}
+    assert empty_backend.table_names() >= TASKLET_TABLES | {"users"}

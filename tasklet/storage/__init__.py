@@ -17,6 +17,7 @@ from .jobs import (
     jobs_count,
     jobs_flag_unknown,
     jobs_insert,
+    jobs_insert_async,
     jobs_list,
     jobs_next_due,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "jobs_finish",
     "jobs_flag_unknown",
     "jobs_insert",
+    "jobs_insert_async",
     "jobs_list",
     "jobs_next_due",
     "jobs_rescue",

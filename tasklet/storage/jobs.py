@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
@@ -25,15 +27,17 @@ _SQLITE_INSERT = sa.insert(jobs).returning(jobs.c.id)
 def _pg_insert(
     db: Database, conn: Connection, new_jobs: Sequence[NewJob], notify: bool
 ) -> list[int]:
+    sql, params = _pg_insert_statement(db, new_jobs, notify)
+    return sorted(row[0] for row in db.driver_execute(conn, sql, params))
+
+
+def _pg_insert_statement(
+    db: Database, new_jobs: Sequence[NewJob], notify: bool
+) -> tuple[str, dict[str, Any]]:
     """One round trip for any number of jobs (see ``_sql.pg_insert_sql``)."""
     first = new_jobs[0]
-    params: dict[str, Any] = {
-        "name": first.name,
-        "queue": first.queue,
-        "priority": first.priority,
-        "serializer": first.serializer,
-        "max_attempts": first.max_attempts,
-        "timeout": first.timeout,
+    params = {
+        **_shared_params(first),
         "run_at": first.run_at,
         "delay_s": first.delay_s,
         "channel": db.notify_channel,
@@ -48,8 +52,37 @@ def _pg_insert(
     else:
         shape = "many"
         params = {"rows": _pg_rows_json(new_jobs), "channel": db.notify_channel}
-    sql = pg_insert_sql(db.schema, shape=shape, notify=notify)
-    return sorted(row[0] for row in db.driver_execute(conn, sql, params))
+    return pg_insert_sql(db.schema, shape=shape, notify=notify), params
+
+
+async def jobs_insert_async(
+    db: Database, new_jobs: Sequence[NewJob], *, notify: bool = True
+) -> list[int]:
+    """:func:`jobs_insert` committing at once, for async callers.
+
+    On PostgreSQL with an engine tasklet made, the same statement runs on an
+    async driver connection (no thread hop); otherwise in a worker thread.
+    """
+    if not new_jobs:
+        return []
+    if db.dialect == "postgresql" and db.owns_engine:
+        sql, params = _pg_insert_statement(db, new_jobs, notify)
+        return sorted(row[0] for row in await db.driver_execute_async(sql, params))
+    return await anyio.to_thread.run_sync(
+        functools.partial(jobs_insert, db, new_jobs, notify=notify)
+    )
+
+
+def _shared_params(job: NewJob) -> dict[str, Any]:
+    """The columns a single-row or same-but-arguments insert binds once."""
+    return {
+        "name": job.name,
+        "queue": job.queue,
+        "priority": job.priority,
+        "serializer": job.serializer,
+        "max_attempts": job.max_attempts,
+        "timeout": job.timeout,
+    }
 
 
 def _json_text(job: NewJob) -> str | None:
@@ -117,13 +150,8 @@ def _sqlite_insert(db: Database, conn: Connection, new_jobs: Sequence[NewJob]) -
     if first.serializer == "json" and all(first.same_but_args(j) for j in new_jobs):
         # One statement, even outside a transaction: atomic, and it takes the write
         # lock (waiting up to the busy timeout) only while it runs.
-        params: dict[str, Any] = {
-            "name": first.name,
-            "queue": first.queue,
-            "priority": first.priority,
-            "serializer": first.serializer,
-            "max_attempts": first.max_attempts,
-            "timeout": first.timeout,
+        params = {
+            **_shared_params(first),
             "run_at": sqlite_text(first.run_at or now + dt.timedelta(seconds=first.delay_s)),
             "now": sqlite_text(now),
         }
