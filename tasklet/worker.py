@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 import anyio.to_thread
+from sqlalchemy import exc as sa_exc
 
 from . import _config, _registry, _wakeup, storage
 from ._database import Database
@@ -38,6 +39,10 @@ from .errors import TaskletError
 __all__ = ["Worker", "WorkerSettings"]
 
 log = logging.getLogger("tasklet.worker")
+
+# What a database that is down, restarting or refusing a statement raises: the
+# worker waits and tries again (it never drops a finished attempt).
+_DATABASE_ERRORS = (TaskletError, sa_exc.DBAPIError)
 
 
 @dataclass(frozen=True)
@@ -281,7 +286,7 @@ class Worker:
     def _unregister(self) -> None:
         try:
             storage.worker_unregister(self.db, self.id)
-        except TaskletError as exc:
+        except _DATABASE_ERRORS as exc:
             log.warning("could not remove worker %s from the workers table: %s", self.id, exc)
 
     def _listener(self) -> _wakeup.PostgresListener | None:
@@ -339,7 +344,7 @@ class Worker:
     ) -> None:
         try:
             rows = await anyio.to_thread.run_sync(claimer.claim, free)
-        except TaskletError as exc:
+        except _DATABASE_ERRORS as exc:
             if drain:
                 raise
             log.warning("could not claim jobs (%s); trying again in %gs", exc, self.settings.poll_s)
@@ -493,7 +498,7 @@ class Worker:
                 try:
                     applied = await anyio.to_thread.run_sync(storage.jobs_finish, self.db, batch)
                     break
-                except TaskletError as exc:
+                except _DATABASE_ERRORS as exc:
                     # Never drop a result: the job would stay "running" under a live worker.
                     log.warning(
                         "could not record finished jobs (%s); retrying in %.2fs", exc, retry_s

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -16,6 +16,7 @@ from tasklet import JobContext, hooks, job, storage
 from tasklet._database import Database
 from tasklet.retry import Abort, Retry
 from tasklet.worker import Worker, WorkerSettings
+from tests.support import BackgroundWorker, wait_for
 
 FAST = WorkerSettings(concurrency=4, heartbeat_s=0.2, lost_after_s=1.0, sweep_s=0.2, grace_s=5)
 
@@ -24,42 +25,6 @@ def drain(settings: WorkerSettings = FAST) -> Worker:
     worker = Worker(settings)
     worker.run_sync(drain=True)
     return worker
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll with a deadline (the thing awaited happens in another thread or process)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.01)
-
-
-class BackgroundWorker:
-    """A worker running in a thread, as a long-lived `tasklet worker` would."""
-
-    def __init__(self, settings: WorkerSettings) -> None:
-        self.worker = Worker(settings)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.worker.run_sync()
-        except BaseException as exc:
-            self.error = exc
-
-    def __enter__(self) -> Worker:
-        self.thread.start()
-        assert self.worker.started.wait(10), "worker did not start"
-        return self.worker
-
-    def __exit__(self, *_: object) -> None:
-        self.worker.stop()
-        self.thread.join(30)
-        assert not self.thread.is_alive(), "worker did not stop"
-        if self.error is not None:
-            raise self.error
 
 
 @pytest.fixture(autouse=True)
