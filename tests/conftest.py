@@ -7,8 +7,9 @@ skipped, except under CI=true, where that is a failure.
 
 from __future__ import annotations
 
-import contextlib
 import os
+import signal
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import sqlalchemy as sa
 import tasklet
 from tasklet import _config, _registry
 from tasklet._database import Database
+from tests.support import Backend, Log
 
 POSTGRES_URL = os.environ.get(
     "TASKLET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -50,49 +52,6 @@ def require_postgres() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: Postgres tests must run)")
     pytest.skip(reason)
-
-
-class Backend:
-    """A migrated, empty tasklet database that the test owns, and how to reach it."""
-
-    def __init__(self, name: str, url: str, schema: str | None) -> None:
-        self.name = name
-        self.url = url
-        self.schema = schema
-
-    @property
-    def env(self) -> dict[str, str]:
-        """Environment for a subprocess (worker, CLI) that must use this database."""
-        env = {**os.environ, "TASKLET_DATABASE_URL": self.url}
-        if self.schema is not None:
-            env["TASKLET_SCHEMA"] = self.schema
-        else:
-            env.pop("TASKLET_SCHEMA", None)
-        return env
-
-    @contextlib.contextmanager
-    def connect(self) -> Iterator[sa.Connection]:
-        """A plain connection (not tasklet's engine) that sees only this backend's tables."""
-        engine = sa.create_engine(self.url)
-        try:
-            with engine.connect() as conn:
-                if self.schema is not None:
-                    conn.exec_driver_sql(f'SET search_path TO "{self.schema}"')
-                    conn.commit()
-                yield conn
-        finally:
-            engine.dispose()
-
-    def table_names(self) -> set[str]:
-        with self.connect() as conn:
-            return set(sa.inspect(conn).get_table_names())
-
-    def configure(self) -> Database:
-        tasklet.configure(self.url, schema=self.schema)
-        return _config.database()
-
-    def __repr__(self) -> str:
-        return f"<Backend {self.name}>"
 
 
 @pytest.fixture
@@ -137,12 +96,18 @@ def db(backend: Backend) -> Database:
 
 
 @pytest.fixture
-def pg_db(fresh_schema: str) -> Iterator[Database]:
+def pg_backend(fresh_schema: str) -> Iterator[Backend]:
     """A migrated Postgres schema only: for behaviours SQLite does not have (LISTEN/NOTIFY)."""
-    Backend("postgres", POSTGRES_URL, fresh_schema).configure()
+    backend = Backend("postgres", POSTGRES_URL, fresh_schema)
+    backend.configure()
     tasklet.upgrade()
-    yield _config.database()
+    yield backend
     tasklet.configure()
+
+
+@pytest.fixture
+def pg_db(pg_backend: Backend) -> Database:
+    return _config.database()
 
 
 @pytest.fixture(autouse=True)
@@ -152,3 +117,19 @@ def _forget_test_jobs() -> Iterator[None]:
     yield
     for name in set(_registry.names()) - before:
         _registry.unregister(name)
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Log:
+    """The append-only record of runs that tests/worker_jobs.py writes."""
+    return Log(tmp_path / "runs.log")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()  # reaps it and closes its pipe

@@ -1,15 +1,71 @@
-"""Helpers shared by tests that run workers in this process."""
+"""Helpers shared by the tests: backends, workers in threads and in processes."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import sqlalchemy as sa
+
+import tasklet
+from tasklet import _config
+from tasklet._database import Database
 from tasklet.worker import Worker, WorkerSettings
 
+REPO = Path(__file__).resolve().parent.parent
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+
+class Backend:
+    """A migrated, empty tasklet database that the test owns, and how to reach it."""
+
+    def __init__(self, name: str, url: str, schema: str | None) -> None:
+        self.name = name
+        self.url = url
+        self.schema = schema
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for a subprocess (worker, CLI) that must use this database."""
+        env = {**os.environ, "TASKLET_DATABASE_URL": self.url}
+        if self.schema is not None:
+            env["TASKLET_SCHEMA"] = self.schema
+        else:
+            env.pop("TASKLET_SCHEMA", None)
+        return env
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[sa.Connection]:
+        """A plain connection (not tasklet's engine) that sees only this backend's tables."""
+        engine = sa.create_engine(self.url)
+        try:
+            with engine.connect() as conn:
+                if self.schema is not None:
+                    conn.exec_driver_sql(f'SET search_path TO "{self.schema}"')
+                    conn.commit()
+                yield conn
+        finally:
+            engine.dispose()
+
+    def table_names(self) -> set[str]:
+        with self.connect() as conn:
+            return set(sa.inspect(conn).get_table_names())
+
+    def configure(self) -> Database:
+        tasklet.configure(self.url, schema=self.schema)
+        return _config.database()
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.name}>"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
     """Poll with a deadline (the thing awaited happens in another thread or process)."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -43,3 +99,37 @@ class BackgroundWorker:
         assert not self.thread.is_alive(), "worker did not stop"
         if self.error is not None:
             raise self.error
+
+
+class Log:
+    """The append-only record the jobs write: one line per start or end of a run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def lines(self, event: str) -> list[tuple[int, int]]:
+        if not self.path.exists():
+            return []
+        rows = [line.split() for line in self.path.read_text().splitlines()]
+        return [(int(r[0]), int(r[1])) for r in rows if r[2] == event]
+
+    def done_per_job(self) -> Counter[int]:
+        return Counter(job_id for job_id, _ in self.lines("done"))
+
+
+def tasklet_process(backend: Backend, log: Log, *args: str) -> subprocess.Popen[bytes]:
+    env = {**backend.env, "TASKLET_TEST_LOG": str(log.path), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "tasklet", *args, "--import", "tests.worker_jobs"]
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def finish(process: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output.decode()

@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 
 from tasklet.migrations import script_location
 from tasklet.schema import VERSION_TABLE
-from tests.conftest import Backend
+from tests.support import Backend
 
 pytestmark = pytest.mark.slow  # every test here spawns processes
 

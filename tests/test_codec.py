@@ -28,7 +28,7 @@ from tasklet import (
 )
 from tasklet._database import Database
 from tasklet.schema import jobs
-from tests.conftest import Backend
+from tests.support import Backend
 
 
 class Color(enum.Enum):

@@ -25,7 +25,7 @@ from tasklet import (
 )
 from tasklet._database import Database
 from tasklet.schema import jobs
-from tests.conftest import Backend
+from tests.support import Backend
 
 REPO = Path(__file__).resolve().parent.parent
 

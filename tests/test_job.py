@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from tasklet import Job, JobContext, JobDefinitionError, _registry, job, storage
 from tasklet._database import Database
 from tasklet.schema import jobs
-from tests.conftest import Backend
+from tests.support import Backend
 
 UTC = dt.UTC
 #: Clock rounding between Python and the database (microseconds, float seconds).

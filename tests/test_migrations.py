@@ -30,7 +30,8 @@ import tasklet
 from tasklet import job
 from tasklet.migrations import _PG_LOCK_KEY, script_location
 from tasklet.schema import TABLE_NAMES, VERSION_TABLE, metadata
-from tests.conftest import POSTGRES_URL, Backend
+from tests.conftest import POSTGRES_URL
+from tests.support import Backend
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -9,10 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,70 +17,13 @@ import pytest
 from tasklet import storage
 from tasklet._database import Database
 from tests import worker_jobs
-from tests.conftest import Backend
+from tests.support import Backend, Log, finish, tasklet_process, wait_for
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 # Short heartbeats so that a dead worker is noticed within about a second.
 FAST = ["--heartbeat", "0.2", "--lost-after", "1", "--sweep", "0.2"]
-
-
-class Log:
-    """The append-only record the jobs write: one line per start or end of a run."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def lines(self, event: str) -> list[tuple[int, int]]:
-        if not self.path.exists():
-            return []
-        rows = [line.split() for line in self.path.read_text().splitlines()]
-        return [(int(r[0]), int(r[1])) for r in rows if r[2] == event]
-
-    def done_per_job(self) -> Counter[int]:
-        return Counter(job_id for job_id, _ in self.lines("done"))
-
-
-@pytest.fixture
-def log(tmp_path: Path) -> Log:
-    return Log(tmp_path / "runs.log")
-
-
-def tasklet_process(backend: Backend, log: Log, *args: str) -> subprocess.Popen[bytes]:
-    env = {**backend.env, "TASKLET_TEST_LOG": str(log.path), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "tasklet", *args, "--import", "tests.worker_jobs"]
-    return subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def finish(process: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, str]:
-    output, _ = process.communicate(timeout=timeout)
-    return process.returncode, output.decode()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()  # reaps it and closes its pipe
 
 
 def test_workers_in_several_processes_run_each_job_exactly_once(
