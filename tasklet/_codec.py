@@ -139,6 +139,9 @@ def _encode_arguments(arguments: Mapping[str, Any]) -> dict[str, Any]:
         ) from None
 
 
+_CONTAINER_TAGS = frozenset({"tuple", "set", "frozenset", "dict", "enum"})
+
+
 def _find_enum(qualified: str) -> type[enum.Enum]:
     module_name, _, qualname = qualified.partition(":")
     obj: Any = sys.modules.get(module_name)
@@ -160,6 +163,8 @@ def _decode(value: Any) -> Any:
     tag = value.get(TAG)
     if tag is None:
         return {k: _decode(v) for k, v in value.items()}
+    if tag not in _CONTAINER_TAGS and tag not in _DECODERS:
+        raise SerializationError(f"unknown payload tag {tag!r}: was it written by a newer tasklet?")
     inner = value["v"]
     if tag == "tuple":
         return tuple(_decode(v) for v in inner)
@@ -171,10 +176,7 @@ def _decode(value: Any) -> Any:
         return {_decode(k): _decode(v) for k, v in inner}
     if tag == "enum":
         return _find_enum(inner[0])(_decode(inner[1]))
-    decoder = _DECODERS.get(tag)
-    if decoder is None:
-        raise SerializationError(f"unknown payload tag {tag!r}: was it written by a newer tasklet?")
-    return decoder(inner)
+    return _DECODERS[tag](inner)
 
 
 def encode_json(arguments: Mapping[str, Any], max_bytes: int | None) -> dict[str, Any]:

@@ -68,9 +68,17 @@ class EnqueueOptions:
     connection: ConnectionLike | None = None
 
 
+def _check_name(kind: str, value: object) -> None:
+    """Names are stored as text: non-empty, no NUL (PostgreSQL text cannot hold it)."""
+    if not isinstance(value, str) or not value or "\x00" in value or len(value) > 255:
+        raise ValueError(
+            f"{kind} must be a non-empty string of at most 255 characters without NUL, "
+            f"not {value!r}"
+        )
+
+
 def _check_options(options: EnqueueOptions) -> None:
-    if not isinstance(options.queue, str) or not options.queue:
-        raise ValueError(f"queue must be a non-empty string, not {options.queue!r}")
+    _check_name("queue", options.queue)
     if isinstance(options.priority, bool) or not isinstance(options.priority, int):
         raise ValueError(f"priority must be an int (smaller runs first), not {options.priority!r}")
     if not isinstance(options.max_attempts, int) or options.max_attempts < 1:
@@ -391,10 +399,27 @@ class Job(Deferrer[P], Generic[P, R]):
                     f"job {self.name!r} holds pickled arguments but is not declared with "
                     "serializer='pickle'; tasklet refuses to unpickle it"
                 )
-            return _codec.decode_pickle(args_pickle or b"")
-        if not isinstance(args, dict):
+            arguments = _codec.decode_pickle(args_pickle or b"")
+        elif isinstance(args, dict):
+            arguments = _codec.decode_json(args)
+        else:
             raise SerializationError(f"stored arguments of job {self.name!r} are not a JSON object")
-        return _codec.decode_json(args)
+        self._check_stored(arguments)
+        return arguments
+
+    def _check_stored(self, arguments: Mapping[str, Any]) -> None:
+        """Stored arguments must still fit the function (a row written by hand, or by old code)."""
+        given = arguments.keys()
+        if self._keywords_only and self._required <= given and given <= self._accepted:
+            return
+        try:
+            self.signature.bind_partial(**arguments)
+            if self._keywords_only and not self._required <= given:
+                raise TypeError(f"missing {sorted(self._required - given)}")
+        except TypeError as exc:
+            raise SerializationError(
+                f"stored arguments {sorted(given)} do not fit {self.name}{self.signature}: {exc}"
+            ) from None
 
     def new_row(
         self,
@@ -518,6 +543,10 @@ def job(
         if not callable(fn):
             raise JobDefinitionError(f"@job decorates a function, not {fn!r}")
         job_name = name or _default_name(fn)
+        try:
+            _check_name("a job's name", job_name)
+        except ValueError as exc:
+            raise JobDefinitionError(str(exc)) from None
         created: Job[Any, Any] = Job(
             fn,
             name=job_name,
