@@ -62,6 +62,9 @@ class WorkerSettings:
     sweep_s: float = 10.0
     #: A job lost with its worker this many times is failed, not retried.
     max_lost: int = 3
+    #: Rescued jobs come back spread over this long (at most ``lost_after_s``), so the
+    #: jobs one crash caught are not claimed together again with a job that crashes.
+    rescue_spread_s: float = 5.0
     #: On shutdown, how long running jobs may take before they are put back.
     grace_s: float = 30.0
     #: Safety-net poll, for scheduled jobs and missed notifications.
@@ -624,7 +627,10 @@ class _Lifeline(threading.Thread):
         settings = worker.settings
         try:
             lost = storage.jobs_rescue(
-                worker.db, lost_after_s=settings.lost_after_s, max_lost=settings.max_lost
+                worker.db,
+                lost_after_s=settings.lost_after_s,
+                max_lost=settings.max_lost,
+                spread_s=min(settings.rescue_spread_s, settings.lost_after_s),
             )
             for row in lost:
                 log.warning(

@@ -43,3 +43,9 @@ async def nap(ctx: JobContext, first_run_s: float, later_runs_s: float = 0.0) ->
     record(ctx, "start")
     await anyio.sleep(first_run_s if first else later_runs_s)
     record(ctx, "done")
+
+
+@job(name="tests.worker.crash", queue="work")
+def crash() -> None:
+    """Kills its worker process, as a segfaulting C extension or an OOM kill would."""
+    os._exit(1)

@@ -219,13 +219,34 @@ def _run_values(conn: Connection, c: Completion) -> dict[str, Any]:
     }
 
 
-def jobs_rescue(db: Database, *, lost_after_s: float, max_lost: int) -> list[JobRow]:
+def _spread(conn: Connection, seconds: float) -> sa.ColumnElement[Any]:
+    """Now, plus a random delay of up to ``seconds``, per row."""
+    if seconds <= 0:
+        return now(conn)
+    if conn.dialect.name == "postgresql":
+        return sa.func.now() + sa.func.random() * sa.literal(
+            dt.timedelta(seconds=seconds), sa.Interval()
+        )
+    millis = int(seconds * 1000)
+    offset = sa.cast(sa.func.abs(sa.func.random()) % millis, sa.Float) / 1000.0
+    return sa.func.strftime(
+        "%Y-%m-%d %H:%M:%f", "now", sa.literal("+") + sa.cast(offset, sa.Text) + " seconds"
+    )
+
+
+def jobs_rescue(
+    db: Database, *, lost_after_s: float, max_lost: int, spread_s: float = 0.0
+) -> list[JobRow]:
     """Put back the running jobs of workers that stopped heartbeating; returns them as they were.
 
     Each rescued attempt is recorded as ``lost``. A job lost ``max_lost`` times,
     or on its last attempt, is failed instead: a job that keeps killing its
     worker must not crash-loop the fleet. Safe to run from many workers at once:
     each lost row is locked (and skipped by the other sweepers) while it is rescued.
+
+    Rescued jobs come back at random over ``spread_s`` seconds rather than all at
+    once: the jobs a crash caught together are then claimed apart, so when one of
+    them keeps killing its worker, the others do not keep dying with it.
     """
     options = db.execution_options
     with db.begin() as conn:
@@ -249,7 +270,7 @@ def jobs_rescue(db: Database, *, lost_after_s: float, max_lost: int) -> list[Job
                 finished_at=sa.case((gives_up, current)),
                 lost_count=jobs.c.lost_count + 1,
                 locked_by=None,
-                run_at=current,
+                run_at=_spread(conn, spread_s),
                 last_error=sa.literal("lost: worker ") + jobs.c.locked_by + " stopped heartbeating",
             )
         )

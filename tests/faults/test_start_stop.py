@@ -1,0 +1,49 @@
+"""Starting and stopping a worker many times leaves no connection, thread or task behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from tasklet._database import Database
+from tasklet.worker import WorkerSettings
+from tests.support import BackgroundWorker, wait_for
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+CYCLES = 50
+SETTINGS = WorkerSettings(poll_s=0.5, heartbeat_s=0.2, lost_after_s=1.0, sweep_s=0.2)
+
+
+def tasklet_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("tasklet-")]
+
+
+def backends(db: Database) -> int:
+    if db.dialect != "postgresql":
+        return 0
+    with db.engine.connect() as conn:
+        query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+        return int(conn.execute(query).scalar_one())
+
+
+def test_fifty_start_stop_cycles_leave_nothing_behind(db: Database) -> None:
+    slowest_stop = 0.0
+    for cycle in range(CYCLES):
+        background = BackgroundWorker(SETTINGS)
+        with background as worker:
+            if worker.listener is not None:
+                assert worker.listener.connected.wait(10)
+            stopping = time.monotonic()
+        slowest_stop = max(slowest_stop, time.monotonic() - stopping)
+        if cycle == 4:
+            wait_for(lambda: tasklet_threads() == [])
+            settled = backends(db)
+
+    assert slowest_stop < 5.0
+    wait_for(lambda: tasklet_threads() == [])
+    # Pools keep idle connections for reuse; what must not grow is their number.
+    wait_for(lambda: backends(db) <= settled, timeout=10)
