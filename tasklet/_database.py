@@ -271,7 +271,10 @@ class Database:
         except dbapi.Error as error:
             invalidated = self.engine.dialect.is_disconnect(error, driver, None)
             if invalidated:
+                # As SQLAlchemy does: a lost server takes every pooled connection with
+                # it, so start a fresh pool (connections in use are left to their users).
                 conn.invalidate(error)
+                conn.engine.dispose(close=False)
             raise exc.DBAPIError.instance(
                 sql, params, error, dbapi.Error, connection_invalidated=invalidated
             ) from error

@@ -42,7 +42,7 @@ log = logging.getLogger("tasklet.worker")
 
 # What a database that is down, restarting or refusing a statement raises: the
 # worker waits and tries again (it never drops a finished attempt).
-_DATABASE_ERRORS = (TaskletError, sa_exc.DBAPIError)
+_DATABASE_ERRORS = (TaskletError, sa_exc.SQLAlchemyError)
 
 
 @dataclass(frozen=True)

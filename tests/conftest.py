@@ -20,7 +20,7 @@ import sqlalchemy as sa
 import tasklet
 from tasklet import _config, _registry
 from tasklet._database import Database
-from tests.support import Backend, Log
+from tests.support import Backend, Log, finish
 
 POSTGRES_URL = os.environ.get(
     "TASKLET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -132,4 +132,4 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     for process in started:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()  # reaps it and closes its pipe
+        finish(process)  # reaps it and closes its output file

@@ -6,11 +6,13 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -74,6 +76,18 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def wait_for_db(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """:func:`wait_for` a condition read from a database that may be restarting."""
+
+    def tolerant() -> bool:
+        try:
+            return condition()
+        except tasklet.TaskletError:
+            return False
+
+    wait_for(tolerant, timeout)
+
+
 class BackgroundWorker:
     """A worker running in a thread, as a long-lived `tasklet worker` would."""
 
@@ -118,18 +132,27 @@ class Log:
 
 
 def tasklet_process(backend: Backend, log: Log, *args: str) -> subprocess.Popen[bytes]:
+    """`python -m tasklet ARGS`, its output going to a file (a full pipe would block it)."""
     env = {**backend.env, "TASKLET_TEST_LOG": str(log.path), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "tasklet", *args, "--import", "tests.worker_jobs"]
-    return subprocess.Popen(
-        command,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    output = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by finish)
+        prefix="tasklet-process-", suffix=".log", dir=log.path.parent, delete=False
     )
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    _outputs[process.pid] = output
+    return process
+
+
+_outputs: dict[int, Any] = {}
 
 
 def finish(process: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, str]:
-    output, _ = process.communicate(timeout=timeout)
-    return process.returncode, output.decode()
+    """Wait for the process; its exit code and everything it printed."""
+    process.wait(timeout=timeout)
+    output = _outputs.pop(process.pid, None)
+    if output is None:
+        return process.returncode, ""
+    output.close()
+    return process.returncode, Path(output.name).read_text(errors="replace")

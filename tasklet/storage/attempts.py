@@ -89,9 +89,12 @@ class Claimer:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        with contextlib.suppress(exc.DBAPIError):
-            conn.exec_driver_sql("RESET synchronous_commit")
-        conn.close()
+        # A connection lost with its server cannot (and need not) be reset.
+        if not conn.invalidated:
+            with contextlib.suppress(exc.SQLAlchemyError):
+                conn.exec_driver_sql("RESET synchronous_commit")
+        with contextlib.suppress(exc.SQLAlchemyError):
+            conn.close()
 
     def _claim_sqlite(self, limit: int) -> list[ClaimedJob]:
         # One statement: atomic, and it holds the write lock only while it runs.
