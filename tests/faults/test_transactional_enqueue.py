@@ -56,3 +56,24 @@ def test_no_job_starts_before_its_transaction_commits(db: Database) -> None:
             assert worker.stats.total == 0
         assert started.wait(10)
     assert [r.outcome for r in storage.job_runs_list(db, handle.id)] == ["succeeded"]
+
+
+def test_rolled_back_enqueues_send_no_wake_up(pg_db: Database) -> None:
+    import psycopg
+
+    @job(name="faults.quiet", queue="quiet")
+    def quiet(n: int) -> None: ...
+
+    with psycopg.connect(pg_db.conninfo, autocommit=True) as listener:
+        listener.execute(f'LISTEN "{pg_db.notify_channel}"')
+        for n in range(N):
+            with Session(pg_db.engine) as session, session.begin():
+                quiet.options(connection=session).defer(n=n)
+                session.rollback()
+        with Session(pg_db.engine) as session, session.begin():
+            # One that commits, on another queue: the first notification must be its.
+            quiet.options(connection=session, queue="marker").defer(n=N)
+        payloads = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
+        later = list(listener.notifies(timeout=0.5))
+    assert payloads == ["marker"] and later == []
+    assert storage.jobs_count(pg_db) == {"queued": 1}
