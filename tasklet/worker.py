@@ -34,6 +34,7 @@ from sqlalchemy import exc as sa_exc
 from . import _config, _registry, _wakeup, storage
 from ._database import Database
 from ._executor import Attempt, Executor, Outcome
+from ._lifeline import Lifeline
 from .errors import TaskletError
 
 __all__ = ["Worker", "WorkerSettings"]
@@ -99,15 +100,6 @@ class WorkerStats:
         return sum(self.outcomes.values())
 
 
-def _unknown_job_message(name: str) -> str:
-    module = name.rpartition(".")[0] or name
-    return (
-        f"no running worker knows the job {name!r}: add the module that defines it "
-        f"(probably {module!r}) to [tool.tasklet] imports in pyproject.toml, to "
-        "TASKLET_IMPORTS, or pass `tasklet worker --import MODULE`"
-    )
-
-
 class Worker:
     """Runs the jobs registered in this process. See :class:`WorkerSettings`."""
 
@@ -118,8 +110,8 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = WorkerStats()
         self._db = database
-        self._queues = self.settings.queues or None
-        self._names: list[str] = []
+        self.queue_filter = self.settings.queues or None
+        self.job_names: list[str] = []
         self._in_flight = 0
         self._attempts: dict[int, Attempt] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -166,7 +158,7 @@ class Worker:
                 attempt.interrupt()
         self._wake.set()
 
-    def _wake_threadsafe(self, queue: str | None) -> None:
+    def wake_threadsafe(self, queue: str | None) -> None:
         loop = self._loop
         if loop is None:
             return
@@ -174,7 +166,7 @@ class Worker:
             loop.call_soon_threadsafe(self._on_wake, queue)
 
     def _on_wake(self, queue: str | None) -> None:
-        if queue is None or self._queues is None or queue in self._queues:
+        if queue is None or self.queue_filter is None or queue in self.queue_filter:
             self._maybe_due = True
             self._wake.set()
 
@@ -227,12 +219,12 @@ class Worker:
         put back in the queue; nothing is lost.
         """
         self._loop = asyncio.get_running_loop()
-        self._names = _registry.names()
+        self.job_names = _registry.names()
         db = self.db
-        await anyio.to_thread.run_sync(self._register)
-        lifeline = _Lifeline(self)
+        await anyio.to_thread.run_sync(self.register)
+        lifeline = Lifeline(self)
         listener = self.listener = self._listener() if not drain else None
-        unsubscribe = _wakeup.subscribe(db.wake_key, self._wake_threadsafe)
+        unsubscribe = _wakeup.subscribe(db.wake_key, self.wake_threadsafe)
         lifeline.start()
         if listener is not None:
             listener.start()
@@ -241,7 +233,7 @@ class Worker:
             self.id,
             ", ".join(self.settings.queues) or "(all)",
             self.settings.concurrency,
-            ", ".join(self._names) or "(none)",
+            ", ".join(self.job_names) or "(none)",
         )
         self.started.set()
         try:
@@ -261,7 +253,7 @@ class Worker:
             max_workers=self.settings.concurrency, thread_name_prefix="tasklet-job"
         )
         claimer = storage.Claimer(
-            self.db, worker_id=self.id, queues=self._queues, names=self._names
+            self.db, worker_id=self.id, queues=self.queue_filter, names=self.job_names
         )
         try:
             async with anyio.create_task_group() as group:
@@ -276,7 +268,7 @@ class Worker:
             # Threads of jobs that outlived the grace period are left to finish alone.
             threads.shutdown(wait=False)
 
-    def _register(self) -> None:
+    def register(self) -> None:
         storage.worker_register(
             self.db,
             worker_id=self.id,
@@ -364,7 +356,7 @@ class Worker:
 
     def _due_in(self) -> float | None:
         """Seconds until the next queued job of this worker's is due (None: none queued)."""
-        due = storage.jobs_next_due(self.db, queues=self._queues, names=self._names)
+        due = storage.jobs_next_due(self.db, queues=self.queue_filter, names=self.job_names)
         return None if due is None else (due - storage.utcnow()).total_seconds()
 
     async def _idle(self) -> None:
@@ -586,69 +578,3 @@ def _log_outcome(row: storage.ClaimedJob, outcome: Outcome, seconds: float) -> N
             f"retry in {step.delay_s:.1f}s" if retry and step else "no retry",
             exc_info=None if retry else outcome.error,
         )
-
-
-class _Lifeline(threading.Thread):
-    """Heartbeats, and sweeps for dead workers' jobs, on its own thread and connection."""
-
-    def __init__(self, worker: Worker) -> None:
-        super().__init__(name="tasklet-lifeline", daemon=True)
-        self._worker = worker
-        self._stop_event = threading.Event()
-
-    def stop(self) -> None:
-        self._stop_event.set()
-
-    def run(self) -> None:
-        settings = self._worker.settings
-        next_sweep = 0.0
-        while not self._stop_event.is_set():
-            self._beat()
-            if time.monotonic() >= next_sweep:
-                self._sweep()
-                next_sweep = time.monotonic() + settings.sweep_s
-            self._stop_event.wait(min(settings.heartbeat_s, settings.sweep_s))
-
-    def _beat(self) -> None:
-        worker = self._worker
-        try:
-            if not storage.worker_heartbeat(worker.db, worker.id):
-                log.warning(
-                    "worker %s was presumed dead by another worker; registering again "
-                    "(results of jobs it lost will not be recorded)",
-                    worker.id,
-                )
-                worker._register()
-        except Exception as exc:
-            log.warning("heartbeat failed: %s", exc)
-
-    def _sweep(self) -> None:
-        worker = self._worker
-        settings = worker.settings
-        try:
-            lost = storage.jobs_rescue(
-                worker.db,
-                lost_after_s=settings.lost_after_s,
-                max_lost=settings.max_lost,
-                spread_s=min(settings.rescue_spread_s, settings.lost_after_s),
-            )
-            for row in lost:
-                log.warning(
-                    "job %d %s attempt %d was lost with worker %s; rescued",
-                    row.id,
-                    row.name,
-                    row.attempts,
-                    row.locked_by,
-                )
-            if lost:
-                worker._wake_threadsafe(None)
-            flagged = storage.jobs_flag_unknown(
-                worker.db,
-                queues=worker._queues,
-                known=worker._names,
-                message=_unknown_job_message,
-            )
-            for name in flagged:
-                log.warning("%s", _unknown_job_message(name))
-        except Exception as exc:
-            log.warning("sweep failed: %s", exc)
