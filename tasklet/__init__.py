@@ -7,7 +7,8 @@
 """
 
 from ._config import Settings, configure
-from ._job import Deferrer, Job, JobHandle, job
+from ._defer import Deferrer, JobHandle
+from ._job import Job, job
 from .context import JobContext
 from .errors import (
     DatabaseUnavailableError,
