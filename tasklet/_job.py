@@ -36,7 +36,7 @@ Serializer = Literal["json", "pickle"]
 Backoff = float | Callable[[int], float]
 
 DEFAULT_QUEUE = "default"
-#: Total attempts, the first included: about a day of retries with the default backoff.
+#: Total attempts, the first included: about nine hours of retries with the default backoff.
 DEFAULT_MAX_ATTEMPTS = 20
 
 
