@@ -117,7 +117,7 @@ def _migration_connection(db: Database) -> Iterator[Connection]:
         yield conn
 
 
-def _include_object(
+def tasklet_objects_only(
     obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
 ) -> bool:
     """Autogenerate looks at tasklet's own tables only, never the application's."""
@@ -162,7 +162,7 @@ def _run(context: EnvironmentContext, connection: Connection) -> None:
         connection=connection,
         target_metadata=metadata,
         version_table=VERSION_TABLE,
-        include_object=_include_object,
+        include_object=tasklet_objects_only,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
     )

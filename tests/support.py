@@ -17,8 +17,9 @@ from typing import Any
 import sqlalchemy as sa
 
 import tasklet
-from tasklet import _config
+from tasklet import _config, storage
 from tasklet._database import Database
+from tasklet.schema import jobs
 from tasklet.worker import Worker, WorkerSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,3 +157,20 @@ def finish(process: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, 
         return process.returncode, ""
     output.close()
     return process.returncode, Path(output.name).read_text(errors="replace")
+
+
+def count_jobs(db: Database) -> int:
+    """Rows in ``jobs`` as a separate, read-only connection sees them (never waits on SQLite)."""
+    with db.begin(read_only=True) as conn:
+        return int(
+            conn.execute(
+                sa.select(sa.func.count()).select_from(jobs),
+                execution_options=db.execution_options,
+            ).scalar_one()
+        )
+
+
+def get_row(db: Database, job_id: int) -> storage.JobRow:
+    row = storage.job_get(db, job_id)
+    assert row is not None, f"job {job_id} is not in the jobs table"
+    return row

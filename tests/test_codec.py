@@ -24,11 +24,10 @@ from tasklet import (
     _codec,
     _config,
     job,
-    storage,
 )
 from tasklet._database import Database
 from tasklet.schema import jobs
-from tests.support import Backend
+from tests.support import Backend, count_jobs, get_row
 
 
 class Color(enum.Enum):
@@ -108,19 +107,6 @@ def same(a: Any, b: Any) -> bool:
             k in b_keys and same(k, b_keys[k]) and same(v, b[k]) for k, v in a.items()
         )
     return bool(a == b)
-
-
-def count_jobs(db: Database) -> int:
-    with db.begin(read_only=True) as conn:
-        return conn.execute(
-            sa.select(sa.func.count()).select_from(jobs), execution_options=db.execution_options
-        ).scalar_one()
-
-
-def get_row(db: Database, job_id: int) -> storage.JobRow:
-    row = storage.job_get(db, job_id)
-    assert row is not None, f"job {job_id} is not in the jobs table"
-    return row
 
 
 # ----------------------------------------------------------------------- JSON

@@ -13,10 +13,10 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from tasklet import Job, JobContext, JobDefinitionError, _registry, job, storage
+from tasklet import Job, JobContext, JobDefinitionError, _registry, job
 from tasklet._database import Database
 from tasklet.schema import jobs
-from tests.support import Backend
+from tests.support import Backend, count_jobs, get_row
 
 UTC = dt.UTC
 #: Clock rounding between Python and the database (microseconds, float seconds).
@@ -26,20 +26,6 @@ SLACK = dt.timedelta(milliseconds=1)
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def count_jobs(db: Database) -> int:
-    """Rows in ``jobs`` as a separate, read-only connection sees them (never waits on SQLite)."""
-    with db.begin(read_only=True) as conn:
-        return conn.execute(
-            sa.select(sa.func.count()).select_from(jobs), execution_options=db.execution_options
-        ).scalar_one()
-
-
-def get_row(db: Database, job_id: int) -> storage.JobRow:
-    row = storage.job_get(db, job_id)
-    assert row is not None, f"job {job_id} is not in the jobs table"
-    return row
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, make_url
 
 import tasklet
 from tasklet import job
-from tasklet.migrations import _PG_LOCK_KEY, script_location
+from tasklet.migrations import _PG_LOCK_KEY, script_location, tasklet_objects_only
 from tasklet.schema import TABLE_NAMES, VERSION_TABLE, metadata
 from tests.conftest import POSTGRES_URL
 from tests.support import Backend
@@ -48,21 +48,12 @@ def run(args: list[str], env: dict[str, str], cwd: Path = REPO) -> subprocess.Co
     return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def only_tasklet_tables(
-    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
-) -> bool:
-    if type_ == "table":
-        return name in TABLE_NAMES
-    table = getattr(obj, "table", None)
-    return table is None or table.name in TABLE_NAMES
-
-
 def differences(backend: Backend, target: sa.MetaData) -> list[Any]:
     with backend.connect() as conn:
         if backend.schema is not None:  # reflection must look at the test's schema
             assert conn.exec_driver_sql("SELECT current_schema()").scalar() == backend.schema
         context = MigrationContext.configure(
-            conn, opts={"include_object": only_tasklet_tables, "compare_type": True}
+            conn, opts={"include_object": tasklet_objects_only, "compare_type": True}
         )
         return list(compare_metadata(context, target))
 
