@@ -27,6 +27,8 @@ __all__ = [
     "job_runs",
     "jobs",
     "metadata",
+    "paused_queues",
+    "schedule_ticks",
     "workers",
 ]
 
@@ -89,6 +91,13 @@ jobs = sa.Table(
     # Fencing token: bumped by every claim; a finish must present the one it was handed.
     sa.Column("lease", sa.Integer(), nullable=False),
     sa.Column("last_error", sa.Text(), nullable=True),
+    # While a job with this key is queued or running, deferring another returns it instead.
+    sa.Column("unique_key", sa.Text(), nullable=True),
+    # At most concurrency_limit jobs with the same key run at once, across every worker.
+    sa.Column("concurrency_key", sa.Text(), nullable=True),
+    sa.Column("concurrency_limit", sa.Integer(), nullable=True),
+    # Set by cancel() on a running job: its worker stops it and it is not retried.
+    sa.Column("cancel_requested_at", _Time, nullable=True),
     sa.CheckConstraint(_in("status", JOB_STATUSES), name="status"),
     sa.CheckConstraint(_in("serializer", SERIALIZERS), name="serializer"),
     sa.CheckConstraint(
@@ -105,14 +114,53 @@ jobs = sa.Table(
 )
 
 # The claim path: due queued jobs of some queues, by priority, then due time, then id.
+# Jobs under a concurrency limit are left out (they have an index of their own), so
+# a backlog of limited jobs never stands in the way of a claim.
+_UNLIMITED_QUEUED = sa.and_(jobs.c.status == "queued", jobs.c.concurrency_key.is_(None))
+_LIMITED_QUEUED = sa.and_(jobs.c.status == "queued", jobs.c.concurrency_key.is_not(None))
 sa.Index(
     None,
     jobs.c.queue,
     jobs.c.priority,
     jobs.c.run_at,
     jobs.c.id,
-    postgresql_where=jobs.c.status == "queued",
-    sqlite_where=jobs.c.status == "queued",
+    postgresql_where=_UNLIMITED_QUEUED,
+    sqlite_where=_UNLIMITED_QUEUED,
+)
+# The limited claim path: queued jobs per concurrency key, in claim order.
+sa.Index(
+    None,
+    jobs.c.concurrency_key,
+    jobs.c.priority,
+    jobs.c.run_at,
+    jobs.c.id,
+    postgresql_where=_LIMITED_QUEUED,
+    sqlite_where=_LIMITED_QUEUED,
+)
+# How many jobs of a concurrency key run now.
+_LIMITED_RUNNING = sa.and_(jobs.c.status == "running", jobs.c.concurrency_key.is_not(None))
+sa.Index(
+    None,
+    jobs.c.concurrency_key,
+    postgresql_where=_LIMITED_RUNNING,
+    sqlite_where=_LIMITED_RUNNING,
+)
+# Unique jobs: one queued or running job per key, enforced by the database.
+_UNIQUE_ACTIVE = sa.and_(jobs.c.unique_key.is_not(None), jobs.c.status.in_(("queued", "running")))
+sa.Index(
+    None,
+    jobs.c.unique_key,
+    unique=True,
+    postgresql_where=_UNIQUE_ACTIVE,
+    sqlite_where=_UNIQUE_ACTIVE,
+)
+# Retention: finished jobs by status and age, deleted oldest first in small batches.
+sa.Index(
+    None,
+    jobs.c.status,
+    jobs.c.finished_at,
+    postgresql_where=jobs.c.finished_at.is_not(None),
+    sqlite_where=jobs.c.finished_at.is_not(None),
 )
 # The rescue path: running jobs by holder.
 sa.Index(
@@ -151,6 +199,26 @@ workers = sa.Table(
     sa.Column("heartbeat_at", _Time, nullable=False),
 )
 sa.Index(None, workers.c.heartbeat_at)
+
+# A paused queue keeps accepting jobs, but no worker starts them until it is resumed.
+paused_queues = sa.Table(
+    "paused_queues",
+    metadata,
+    sa.Column("queue", sa.Text(), primary_key=True),
+    sa.Column("paused_at", _Time, nullable=False),
+)
+
+# Each tick of a recurring schedule is enqueued once, however many workers schedule:
+# the primary key refuses a second row for the same (schedule, tick).
+schedule_ticks = sa.Table(
+    "schedule_ticks",
+    metadata,
+    sa.Column("schedule", sa.Text(), primary_key=True),
+    sa.Column("tick", _Time, primary_key=True),
+    # Not a foreign key: retention deletes the job, the record of the tick stays.
+    sa.Column("job_id", _Id, nullable=True),
+    sa.Column("created_at", _Time, nullable=False),
+)
 
 #: Alembic keeps tasklet's migration history here, apart from the application's own.
 VERSION_TABLE: Final = "tasklet_alembic_version"

@@ -36,7 +36,7 @@ from tests.support import Backend
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 HEAD = ScriptDirectory(str(script_location())).get_current_head()
-TASKLET_TABLES = {"jobs", "job_runs", "workers"}
+TASKLET_TABLES = set(TABLE_NAMES)
 
 
 def version_rows(backend: Backend, table: str = VERSION_TABLE) -> list[str]:

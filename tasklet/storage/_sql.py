@@ -128,7 +128,7 @@ candidates AS (
      CROSS JOIN LATERAL (
             SELECT id, priority, run_at
               FROM {jobs}
-             WHERE status = 'queued' AND queue = q.queue
+             WHERE status = 'queued' AND concurrency_key IS NULL AND queue = q.queue
                AND name = ANY(%(names)s::text[]) AND run_at <= now()
              ORDER BY priority, run_at, id
              LIMIT %(limit)s
@@ -150,10 +150,11 @@ RETURNING j.id, j.name, j.queue, j.priority, j.serializer, j.args, j.args_pickle
 # claim index finds each distinct queue with one probe.
 _GIVEN_QUEUES = "queues(queue) AS (SELECT unnest(%(queues)s::text[]))"
 _ALL_QUEUES = """queues(queue) AS (
-    (SELECT queue FROM {jobs} WHERE status = 'queued' ORDER BY queue LIMIT 1)
+    (SELECT queue FROM {jobs} WHERE status = 'queued' AND concurrency_key IS NULL
+      ORDER BY queue LIMIT 1)
     UNION ALL
     SELECT (SELECT j.queue FROM {jobs} AS j
-             WHERE j.status = 'queued' AND j.queue > queues.queue
+             WHERE j.status = 'queued' AND j.concurrency_key IS NULL AND j.queue > queues.queue
              ORDER BY j.queue LIMIT 1)
       FROM queues WHERE queues.queue IS NOT NULL
 )"""
@@ -210,7 +211,7 @@ UPDATE jobs
        started_at = :now, lease = lease + 1
  WHERE id IN (
        SELECT id FROM jobs
-        WHERE status = 'queued' {queue_filter}
+        WHERE status = 'queued' AND concurrency_key IS NULL {queue_filter}
           AND name IN (SELECT value FROM json_each(:names)) AND run_at <= :now
         ORDER BY priority, run_at, id
         LIMIT :limit)

@@ -265,7 +265,10 @@ def jobs_next_due(
 ) -> dt.datetime | None:
     """When the earliest queued job of these queues and names is due, or None if there is none."""
     query = sa.select(sa.func.min(jobs.c.run_at)).where(
-        jobs.c.status == "queued", in_queues(queues), jobs.c.name.in_(names)
+        jobs.c.status == "queued",
+        jobs.c.concurrency_key.is_(None),  # on the claim index
+        in_queues(queues),
+        jobs.c.name.in_(names),
     )
     with db.begin(read_only=True) as conn:
         value = conn.execute(query, execution_options=db.execution_options).scalar()

@@ -86,11 +86,15 @@ class JobRow:
     locked_by: str | None
     lease: int
     last_error: str | None
+    unique_key: str | None = None
+    concurrency_key: str | None = None
+    concurrency_limit: int | None = None
+    cancel_requested_at: dt.datetime | None = None
 
     @classmethod
     def from_mapping(cls, row: sa.RowMapping) -> JobRow:
         values = dict(row)
-        for key in ("run_at", "created_at", "started_at", "finished_at"):
+        for key in ("run_at", "created_at", "started_at", "finished_at", "cancel_requested_at"):
             values[key] = as_utc(values[key])
         return cls(**values)
 
