@@ -45,13 +45,15 @@ def table(schema: str | None, name: str) -> str:
 # Enqueue. One statement, one round trip, and in autocommit one commit: the
 # rows go in, and pg_notify tells listening workers once the transaction commits.
 _INSERT_COLUMNS = """name, queue, priority, status, serializer, args, args_pickle, attempts,
-    max_attempts, lost_count, timeout, run_at, created_at, lease"""
+    max_attempts, lost_count, timeout, run_at, created_at, lease, unique_key, concurrency_key,
+    concurrency_limit"""
 
 _PG_INSERT_ONE = """
 INSERT INTO {jobs} ({columns})
 VALUES (%(name)s, %(queue)s, %(priority)s, 'queued', %(serializer)s, %(args)s::jsonb,
         %(args_pickle)s, 0, %(max_attempts)s, 0, %(timeout)s,
-        COALESCE(%(run_at)s::timestamptz, now() + %(delay_s)s * interval '1 second'), now(), 0)
+        COALESCE(%(run_at)s::timestamptz, now() + %(delay_s)s * interval '1 second'), now(), 0,
+        %(unique_key)s, %(concurrency_key)s, %(concurrency_limit)s)
 RETURNING id, queue
 """
 
@@ -61,10 +63,12 @@ _PG_INSERT_MANY = """
 INSERT INTO {jobs} ({columns})
 SELECT r.name, r.queue, r.priority, 'queued', r.serializer, r.args,
        decode(r.args_pickle, 'base64'), 0, r.max_attempts, 0, r.timeout,
-       COALESCE(r.run_at, now() + r.delay_s * interval '1 second'), now(), 0
+       COALESCE(r.run_at, now() + r.delay_s * interval '1 second'), now(), 0,
+       r.unique_key, r.concurrency_key, r.concurrency_limit
   FROM json_to_recordset(%(rows)s::json) AS r(
        name text, queue text, priority int, max_attempts int, timeout float8,
-       serializer text, args jsonb, args_pickle text, run_at timestamptz, delay_s float8)
+       serializer text, args jsonb, args_pickle text, run_at timestamptz, delay_s float8,
+       unique_key text, concurrency_key text, concurrency_limit int)
 RETURNING id, queue
 """
 
@@ -74,7 +78,8 @@ _PG_INSERT_SAME = """
 INSERT INTO {jobs} ({columns})
 SELECT %(name)s, %(queue)s, %(priority)s, 'queued', %(serializer)s, a.value::jsonb, NULL, 0,
        %(max_attempts)s, 0, %(timeout)s,
-       COALESCE(%(run_at)s::timestamptz, now() + %(delay_s)s * interval '1 second'), now(), 0
+       COALESCE(%(run_at)s::timestamptz, now() + %(delay_s)s * interval '1 second'), now(), 0,
+       %(unique_key)s, %(concurrency_key)s, %(concurrency_limit)s
   FROM json_array_elements(%(args)s::json) WITH ORDINALITY AS a(value, n)
  ORDER BY a.n
 RETURNING id, queue
@@ -97,13 +102,15 @@ def pg_insert_sql(schema: str | None, *, shape: str, notify: bool) -> str:
 _SQLITE_INSERT_ONE = """
 INSERT INTO jobs ({columns})
 VALUES (:name, :queue, :priority, 'queued', :serializer, :args, :args_pickle, 0,
-        :max_attempts, 0, :timeout, :run_at, :now, 0)
+        :max_attempts, 0, :timeout, :run_at, :now, 0, :unique_key, :concurrency_key,
+        :concurrency_limit)
 RETURNING id
 """
 _SQLITE_INSERT_SAME = """
 INSERT INTO jobs ({columns})
 SELECT :name, :queue, :priority, 'queued', :serializer, a.value, NULL, 0,
-       :max_attempts, 0, :timeout, :run_at, :now, 0
+       :max_attempts, 0, :timeout, :run_at, :now, 0, :unique_key, :concurrency_key,
+       :concurrency_limit
   FROM json_each(:args) AS a
  ORDER BY a.key
 RETURNING id

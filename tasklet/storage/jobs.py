@@ -82,6 +82,9 @@ def _shared_params(job: NewJob) -> dict[str, Any]:
         "serializer": job.serializer,
         "max_attempts": job.max_attempts,
         "timeout": job.timeout,
+        "unique_key": job.unique_key,
+        "concurrency_key": job.concurrency_key,
+        "concurrency_limit": job.concurrency_limit,
     }
 
 
@@ -107,6 +110,9 @@ def _pg_rows_json(new_jobs: Sequence[NewJob]) -> str:
                 else base64.b64encode(j.args_pickle).decode("ascii"),
                 "run_at": None if j.run_at is None else j.run_at.isoformat(),
                 "delay_s": j.delay_s,
+                "unique_key": j.unique_key,
+                "concurrency_key": j.concurrency_key,
+                "concurrency_limit": j.concurrency_limit,
             }
             for j in new_jobs
         ],
@@ -177,6 +183,9 @@ def _sqlite_insert(db: Database, conn: Connection, new_jobs: Sequence[NewJob]) -
             "run_at": sqlite_time(j.run_at or now + dt.timedelta(seconds=j.delay_s)),
             "created_at": sqlite_time(now),
             "lease": 0,
+            "unique_key": j.unique_key,
+            "concurrency_key": j.concurrency_key,
+            "concurrency_limit": j.concurrency_limit,
         }
         for j in new_jobs
     ]

@@ -48,6 +48,11 @@ class NewJob:
     delay_s: float = 0.0
     #: ``args`` as JSON text, when the caller already has it.
     args_json: str | None = None
+    #: While a job with this key is queued or running, no other is added.
+    unique_key: str | None = None
+    #: At most ``concurrency_limit`` jobs with this key run at once.
+    concurrency_key: str | None = None
+    concurrency_limit: int | None = None
 
     def same_but_args(self, other: NewJob) -> bool:
         """Whether the two rows differ in their arguments only (one bulk statement)."""
@@ -60,6 +65,9 @@ class NewJob:
             and self.serializer == other.serializer
             and self.run_at == other.run_at
             and self.delay_s == other.delay_s
+            and self.unique_key == other.unique_key
+            and self.concurrency_key == other.concurrency_key
+            and self.concurrency_limit == other.concurrency_limit
         )
 
 
