@@ -98,6 +98,18 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     timing.add_argument("--sweep", type=float, default=defaults.sweep_s)
     parser.add_argument("--log-level", default="INFO", help="default INFO")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (needs tasklet[metrics])",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the metrics endpoint binds (default 127.0.0.1)",
+    )
 
 
 def _run_worker(args: argparse.Namespace) -> int:
@@ -117,7 +129,20 @@ def _run_worker(args: argparse.Namespace) -> int:
         sweep_s=args.sweep,
     )
     worker = Worker(settings, database=_open_database())
-    worker.run_sync(drain=args.command == "workoff", handle_signals=True)
+    metrics = None
+    if args.metrics_port is not None:
+        from .metrics import WorkerMetrics
+
+        metrics = WorkerMetrics(worker)
+        port = metrics.serve(args.metrics_port, args.metrics_host)
+        logging.getLogger("tasklet.worker").info(
+            "metrics on http://%s:%d/metrics", args.metrics_host, port
+        )
+    try:
+        worker.run_sync(drain=args.command == "workoff", handle_signals=True)
+    finally:
+        if metrics is not None:
+            metrics.close()
     return 0
 
 

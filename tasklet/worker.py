@@ -25,6 +25,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -89,6 +90,14 @@ class WorkerSettings:
             )
 
 
+class AttemptObserver(Protocol):
+    """Told when this worker's attempts start and end (metrics, progress displays)."""
+
+    def attempt_started(self, queue: str, name: str) -> None: ...
+
+    def attempt_ended(self, queue: str, name: str, wait_s: float, outcome: Outcome) -> None: ...
+
+
 @dataclass
 class WorkerStats:
     """What a worker did while it ran: attempts by outcome."""
@@ -132,6 +141,8 @@ class Worker:
         self.started = threading.Event()
         #: Set while the worker waits with nothing due (for tests and embedding apps).
         self.idle = threading.Event()
+        #: Told when attempts start and end (see tasklet.metrics); empty costs nothing.
+        self.observers: list[AttemptObserver] = []
 
     @property
     def db(self) -> Database:
@@ -401,10 +412,15 @@ class Worker:
                 "job %d %s attempt %d/%d started", row.id, row.name, row.attempts, row.max_attempts
             )
         began = time.perf_counter()
+        if self.observers:
+            self._observe("attempt_started", row.queue, row.name)
         try:
             outcome = await executor.perform(attempt)
             self._attempts.pop(row.id, None)
             self._settle(attempt, outcome)
+            if self.observers:
+                wait_s = (outcome.started_at - row.run_at).total_seconds()
+                self._observe("attempt_ended", row.queue, row.name, wait_s, outcome)
             if logging_info or outcome.kind != "succeeded":
                 _log_outcome(row, outcome, time.perf_counter() - began)
             if outcome.thread is not None:
@@ -415,6 +431,13 @@ class Worker:
             self._attempts.pop(row.id, None)
             self._in_flight -= 1
             self._wake.set()
+
+    def _observe(self, event: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:  # an observer only watches: it must not fail the attempt
+                log.exception("attempt observer %r failed on %s; ignored", observer, event)
 
     def _settle(self, attempt: Attempt, outcome: Outcome) -> None:
         row = attempt.row

@@ -22,6 +22,7 @@ from .jobs import (
     jobs_next_due,
 )
 from .rows import ClaimedJob, Completion, JobRow, NewJob, RunRow, as_utc, utcnow
+from .stats import queue_depths
 from .workers import worker_heartbeat, worker_register, worker_unregister
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "jobs_list",
     "jobs_next_due",
     "jobs_rescue",
+    "queue_depths",
     "utcnow",
     "worker_heartbeat",
     "worker_register",
