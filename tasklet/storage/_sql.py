@@ -141,6 +141,7 @@ candidates AS (
              LIMIT %(limit)s
                FOR UPDATE SKIP LOCKED) AS c
      WHERE q.queue IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM {paused} AS p WHERE p.queue = q.queue)
      ORDER BY c.priority, c.run_at, c.id
      LIMIT %(limit)s
 )
@@ -203,7 +204,9 @@ SELECT id FROM updated
 def pg_claim_sql(schema: str | None, all_queues: bool) -> str:
     jobs_table = table(schema, "jobs")
     queues_cte = (_ALL_QUEUES if all_queues else _GIVEN_QUEUES).format(jobs=jobs_table)
-    return _PG_CLAIM.format(queues_cte=queues_cte, jobs=jobs_table)
+    return _PG_CLAIM.format(
+        queues_cte=queues_cte, jobs=jobs_table, paused=table(schema, "paused_queues")
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -220,6 +223,7 @@ UPDATE jobs
        SELECT id FROM jobs
         WHERE status = 'queued' AND concurrency_key IS NULL {queue_filter}
           AND name IN (SELECT value FROM json_each(:names)) AND run_at <= :now
+          AND queue NOT IN (SELECT queue FROM paused_queues)
         ORDER BY priority, run_at, id
         LIMIT :limit)
 RETURNING id, name, queue, priority, serializer, args, args_pickle, attempts, max_attempts,
