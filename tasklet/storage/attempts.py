@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,17 +22,21 @@ from ..schema import job_runs, jobs, workers
 from ._sql import (
     SQLITE_CLAIM,
     SQLITE_FINISH,
+    SQLITE_LIMITED_CLAIM,
     SQLITE_QUEUE_FILTER,
     SQLITE_RECORD_RUNS,
     ago,
     now,
     pg_claim_sql,
     pg_finish_sql,
+    pg_limited_claim_sql,
     stamp,
 )
 from .rows import ClaimedJob, Completion, JobRow, as_utc, sqlite_text, utcnow
 
 _TERMINAL = ("succeeded", "failed", "cancelled")
+# Concurrency keys one limited claim looks at, at most (the next claim resumes after them).
+_VISIT = 256
 
 
 class Claimer:
@@ -44,18 +49,51 @@ class Claimer:
     """
 
     def __init__(
-        self, db: Database, *, worker_id: str, queues: Sequence[str] | None, names: Sequence[str]
+        self,
+        db: Database,
+        *,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        names: Sequence[str],
+        limited: bool = False,
     ) -> None:
         self._db = db
         self._worker_id = worker_id
         self._queues = list(queues) if queues else None
         self._names = list(names)
         self._conn: Connection | None = None
+        #: Whether jobs under a concurrency limit are claimed too (see :meth:`claim`).
+        self.limited = limited
+        self._limited_first = True
+        self._after = ""  # where the next skip scan of concurrency keys resumes
+        #: The jobs under a limit among those the last claim returned.
+        self.limited_ids: list[int] = []
+        #: Whether the last claim skipped a key another claimer held at that moment.
+        self.contended = False
 
     def claim(self, limit: int) -> list[ClaimedJob]:
-        """Up to ``limit`` due jobs, by priority, then due time, then id."""
+        """Up to ``limit`` due jobs, by priority, then due time, then id.
+
+        A claimer that is ``limited`` also claims jobs under a concurrency
+        limit, from the same ``limit``: the two kinds take turns to go first,
+        so neither can starve the other. Priority orders jobs within a kind.
+        """
         if limit <= 0 or not self._names:
             return []
+        if not self.limited:
+            return self._claim_unlimited(limit)
+        self.limited_ids, self.contended = [], False
+        kinds = [self._claim_limited, self._claim_unlimited]
+        if not self._limited_first:
+            kinds.reverse()
+        self._limited_first = not self._limited_first
+        claimed = kinds[0](limit)
+        if len(claimed) < limit:
+            claimed += kinds[1](limit - len(claimed))
+        claimed.sort(key=lambda j: (j.priority, j.run_at, j.id))
+        return claimed
+
+    def _claim_unlimited(self, limit: int) -> list[ClaimedJob]:
         if self._db.dialect == "sqlite":
             return self._claim_sqlite(limit)
         with self._db.translate_errors():
@@ -77,6 +115,72 @@ class Claimer:
                 raise
         claimed.sort(key=lambda j: (j.priority, j.run_at, j.id))
         return claimed
+
+    def _claim_limited(self, limit: int) -> list[ClaimedJob]:
+        if self._db.dialect == "sqlite":
+            claimed = self._claim_limited_sqlite(limit)
+        else:
+            with self._db.translate_errors():
+                try:
+                    claimed = self._claim_limited_pg(self._connection(), limit)
+                except exc.DBAPIError:
+                    self.close()
+                    raise
+        self.limited_ids = [j.id for j in claimed]
+        return claimed
+
+    def _claim_limited_pg(self, conn: Connection, limit: int) -> list[ClaimedJob]:
+        keys_sql, claim_sql = pg_limited_claim_sql(self._db.schema, self._queues is None)
+        params: dict[str, Any] = {
+            "names": self._names,
+            "queues": self._queues,
+            "limit": limit,
+            "worker_id": self._worker_id,
+        }
+        # The advisory locks last until COMMIT: keep the transaction to these statements.
+        conn.exec_driver_sql("BEGIN")
+        try:
+            found = self._db.driver_execute(
+                conn,
+                keys_sql,
+                {**params, "after": self._after, "visit": _VISIT, "lock_space": self._lock_space},
+            )
+            # Resume after the last key seen, or from the start once the scan reached the end.
+            self._after = "" if not found or found[-1][1] is None else found[-1][1]
+            keys = [(key, lim) for _, key, lim, locked in found if lim is not None and locked]
+            self.contended = any(lim is not None and not locked for _, _, lim, locked in found)
+            rows = []
+            if keys:
+                rows = self._db.driver_execute(
+                    conn,
+                    claim_sql,
+                    {**params, "keys": [k for k, _ in keys], "limits": [n for _, n in keys]},
+                )
+            conn.exec_driver_sql("COMMIT")
+        except BaseException:
+            with contextlib.suppress(exc.SQLAlchemyError):
+                conn.exec_driver_sql("ROLLBACK")
+            raise
+        return [ClaimedJob(*row) for row in rows]
+
+    @property
+    def _lock_space(self) -> int:
+        """The advisory lock namespace of this schema's concurrency keys (a signed int4)."""
+        return zlib.crc32(f"tasklet.concurrency:{self._db.schema or ''}".encode()) - 2**31
+
+    def _claim_limited_sqlite(self, limit: int) -> list[ClaimedJob]:
+        queue_filter = "" if self._queues is None else SQLITE_QUEUE_FILTER
+        params = {
+            "worker_id": self._worker_id,
+            "now": sqlite_text(utcnow()),
+            "queues": json.dumps(self._queues),
+            "names": json.dumps(self._names),
+            "limit": limit,
+        }
+        with self._db.autocommit() as conn:
+            sql = SQLITE_LIMITED_CLAIM.format(queue_filter=queue_filter)
+            rows = self._db.driver_execute(conn, sql, params)
+        return [_sqlite_claimed(row) for row in rows]
 
     def _connection(self) -> Connection:
         if self._conn is None:
@@ -121,10 +225,16 @@ def _sqlite_claimed(row: Any) -> ClaimedJob:
 
 
 def jobs_claim(
-    db: Database, *, worker_id: str, queues: Sequence[str] | None, names: Sequence[str], limit: int
+    db: Database,
+    *,
+    worker_id: str,
+    queues: Sequence[str] | None,
+    names: Sequence[str],
+    limit: int,
+    limited: bool = False,
 ) -> list[ClaimedJob]:
     """One claim on a connection of its own (a worker keeps a :class:`Claimer` instead)."""
-    claimer = Claimer(db, worker_id=worker_id, queues=queues, names=names)
+    claimer = Claimer(db, worker_id=worker_id, queues=queues, names=names, limited=limited)
     try:
         return claimer.claim(limit)
     finally:
