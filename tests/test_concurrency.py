@@ -16,6 +16,7 @@ import tasklet
 from tasklet import JobDefinitionError, job, storage
 from tasklet._database import Database
 from tasklet.schema import workers
+from tasklet.storage.limited import lock_space
 from tasklet.worker import WorkerSettings
 from tests import limited_jobs
 from tests.support import (
@@ -302,7 +303,7 @@ def test_a_key_another_claimer_holds_is_skipped_until_it_lets_go(
     try:
         with pg_backend.connect() as other, other.begin():
             lock = "SELECT pg_advisory_xact_lock(%(space)s, hashtext('t.limited'))"
-            other.exec_driver_sql(lock, {"space": claimer._lock_space})
+            other.exec_driver_sql(lock, {"space": lock_space(pg_db.schema)})
             assert (claimer.claim(5), claimer.contended) == ([], True)
         assert len(claimer.claim(5)) == 2
         assert not claimer.contended

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,21 +21,18 @@ from ..schema import job_runs, jobs, workers
 from ._sql import (
     SQLITE_CLAIM,
     SQLITE_FINISH,
-    SQLITE_LIMITED_CLAIM,
     SQLITE_QUEUE_FILTER,
     SQLITE_RECORD_RUNS,
     ago,
     now,
     pg_claim_sql,
     pg_finish_sql,
-    pg_limited_claim_sql,
     stamp,
 )
+from .limited import LimitedClaims
 from .rows import ClaimedJob, Completion, JobRow, as_utc, sqlite_text, utcnow
 
 _TERMINAL = ("succeeded", "failed", "cancelled")
-# Concurrency keys one limited claim looks at, at most (the next claim resumes after them).
-_VISIT = 256
 
 
 class Claimer:
@@ -62,14 +58,25 @@ class Claimer:
         self._queues = list(queues) if queues else None
         self._names = list(names)
         self._conn: Connection | None = None
-        #: Whether jobs under a concurrency limit are claimed too (see :meth:`claim`).
-        self.limited = limited
+        # Jobs under a concurrency limit are claimed too, only when this is set.
+        self._limited = (
+            LimitedClaims(db, worker_id=worker_id, queues=self._queues, names=self._names)
+            if limited
+            else None
+        )
         self._limited_first = True
-        self._after = ""  # where the next skip scan of concurrency keys resumes
         #: The jobs under a limit among those the last claim returned.
         self.limited_ids: list[int] = []
-        #: Whether the last claim skipped a key another claimer held at that moment.
-        self.contended = False
+
+    @property
+    def limited(self) -> bool:
+        """Whether this claimer also takes jobs under a concurrency limit (see :meth:`claim`)."""
+        return self._limited is not None
+
+    @property
+    def contended(self) -> bool:
+        """Whether the last limited claim skipped a key that another claimer held."""
+        return self._limited is not None and self._limited.contended
 
     def claim(self, limit: int) -> list[ClaimedJob]:
         """Up to ``limit`` due jobs, by priority, then due time, then id.
@@ -82,7 +89,7 @@ class Claimer:
             return []
         if not self.limited:
             return self._claim_unlimited(limit)
-        self.limited_ids, self.contended = [], False
+        self.limited_ids = []
         kinds = [self._claim_limited, self._claim_unlimited]
         if not self._limited_first:
             kinds.reverse()
@@ -117,70 +124,21 @@ class Claimer:
         return claimed
 
     def _claim_limited(self, limit: int) -> list[ClaimedJob]:
+        limited = self._limited
+        assert limited is not None
         if self._db.dialect == "sqlite":
-            claimed = self._claim_limited_sqlite(limit)
+            claimed = [_sqlite_claimed(row) for row in limited.claim_sqlite(limit)]
         else:
             with self._db.translate_errors():
                 try:
-                    claimed = self._claim_limited_pg(self._connection(), limit)
+                    claimed = [
+                        ClaimedJob(*row) for row in limited.claim_pg(self._connection(), limit)
+                    ]
                 except exc.DBAPIError:
-                    self.close()
+                    self.close()  # a fresh connection next time
                     raise
         self.limited_ids = [j.id for j in claimed]
         return claimed
-
-    def _claim_limited_pg(self, conn: Connection, limit: int) -> list[ClaimedJob]:
-        keys_sql, claim_sql = pg_limited_claim_sql(self._db.schema, self._queues is None)
-        params: dict[str, Any] = {
-            "names": self._names,
-            "queues": self._queues,
-            "limit": limit,
-            "worker_id": self._worker_id,
-        }
-        # The advisory locks last until COMMIT: keep the transaction to these statements.
-        conn.exec_driver_sql("BEGIN")
-        try:
-            found = self._db.driver_execute(
-                conn,
-                keys_sql,
-                {**params, "after": self._after, "visit": _VISIT, "lock_space": self._lock_space},
-            )
-            # Resume after the last key seen, or from the start once the scan reached the end.
-            self._after = "" if not found or found[-1][1] is None else found[-1][1]
-            keys = [(key, lim) for _, key, lim, locked in found if lim is not None and locked]
-            self.contended = any(lim is not None and not locked for _, _, lim, locked in found)
-            rows = []
-            if keys:
-                rows = self._db.driver_execute(
-                    conn,
-                    claim_sql,
-                    {**params, "keys": [k for k, _ in keys], "limits": [n for _, n in keys]},
-                )
-            conn.exec_driver_sql("COMMIT")
-        except BaseException:
-            with contextlib.suppress(exc.SQLAlchemyError):
-                conn.exec_driver_sql("ROLLBACK")
-            raise
-        return [ClaimedJob(*row) for row in rows]
-
-    @property
-    def _lock_space(self) -> int:
-        """The advisory lock namespace of this schema's concurrency keys (a signed int4)."""
-        return zlib.crc32(f"tasklet.concurrency:{self._db.schema or ''}".encode()) - 2**31
-
-    def _claim_limited_sqlite(self, limit: int) -> list[ClaimedJob]:
-        queue_filter = "" if self._queues is None else SQLITE_QUEUE_FILTER
-        params = {
-            "worker_id": self._worker_id,
-            "now": sqlite_text(utcnow()),
-            "queues": json.dumps(self._queues),
-            "names": json.dumps(self._names),
-            "limit": limit,
-        }
-        with self._db.autocommit() as conn:
-            sql = SQLITE_LIMITED_CLAIM.format(queue_filter=queue_filter)
-            rows = self._db.driver_execute(conn, sql, params)
-        return [_sqlite_claimed(row) for row in rows]
 
     def _connection(self) -> Connection:
         if self._conn is None:
