@@ -11,7 +11,7 @@ import time
 import pytest
 
 import tasklet
-from tasklet import job, storage
+from tasklet import _wakeup, job, storage
 from tasklet._database import Database
 from tasklet.worker import WorkerSettings
 from tests import worker_jobs
@@ -137,7 +137,10 @@ def test_resuming_wakes_an_idle_worker_of_this_process_at_once(db: Database) -> 
     tasklet.pause_queue("email")
     mail.defer()
     with BackgroundWorker(WorkerSettings(poll_s=60)) as worker:
-        assert worker.idle.wait(10)  # from now on, only a wake-up can start the job
+        assert worker.idle.wait(10)
+        # A worker that just heard a notification keeps looking for a second: wait it out,
+        # so that from now on only a wake-up can start the job.
+        wait_for(lambda: time.monotonic() > worker._hot_until)
         tasklet.resume_queue("email")
         assert done.wait(10), "resuming did not wake the idle worker"
 
@@ -159,6 +162,10 @@ def test_a_worker_process_starts_no_job_of_a_paused_queue_while_others_run_and_r
     assert statuses(db, held) == ["queued"] * 5
     assert set(log.done_per_job()) == {h.id for h in flowing}
 
+    # A worker that just heard notifications keeps looking for a moment: let that pass,
+    # so that only the resume's wake-up can explain a prompt start.
+    time.sleep(_wakeup.HOT_FOR_S + 0.2)
+    assert statuses(db, held) == ["queued"] * 5
     resumed_at = time.monotonic()
     tasklet.resume_queue("email")
     # The poll is 30 s: only the resume's wake-up can start them this soon.
