@@ -362,8 +362,8 @@ class Worker:
             # Nothing more is due now: sleep until the next scheduled job, or a wake-up.
             self._maybe_due = False
             due_in = await anyio.to_thread.run_sync(self._due_in)
-            if claimer.limited and claimer.contended:
-                # Another claimer held a key: look again once it is done.
+            if claimer.limited and claimer.retry_soon:
+                # Keys held by another claimer, or not reached yet: look again in a moment.
                 due_in = _wakeup.HOT_CHECK_S if due_in is None else min(due_in, _wakeup.HOT_CHECK_S)
             self._next_due = None if due_in is None else anyio.current_time() + due_in
 

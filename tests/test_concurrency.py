@@ -305,11 +305,32 @@ def test_a_key_another_claimer_holds_is_skipped_until_it_lets_go(
         with pg_backend.connect() as other, other.begin():
             lock = "SELECT pg_advisory_xact_lock(%(space)s, hashtext('t.limited'))"
             other.exec_driver_sql(lock, {"space": lock_space(pg_db.schema)})
-            assert (claimer.claim(5), claimer.contended) == ([], True)
+            assert (claimer.claim(5), claimer.retry_soon) == ([], True)
         assert len(claimer.claim(5)) == 2
-        assert not claimer.contended
+        assert not claimer.retry_soon
     finally:
         claimer.close()
+
+
+def test_a_key_past_hundreds_of_others_is_reached_by_the_next_claim(db: Database) -> None:
+    @job(name="t.other", concurrency=1, concurrency_key="i")
+    def other(i: int) -> None: ...
+
+    @job(name="t.sync", concurrency=1, concurrency_key="tenant")
+    def sync(tenant: int) -> None: ...
+
+    other.defer_many([{"i": i} for i in range(300)])  # keys "t.other:…" come first
+    mine = sync.defer(tenant=1)
+    claimer = storage.Claimer(db, worker_id="w", queues=None, names=["t.sync"], limited=True)
+    try:
+        first = claimer.claim(5)
+        if not first:  # the scan stopped at its bound, and says so
+            assert claimer.retry_soon
+        claimed = first or claimer.claim(5)
+    finally:
+        claimer.close()
+
+    assert [j.id for j in claimed] == [mine.id]
 
 
 def test_next_due_skips_due_limited_jobs_but_not_scheduled_ones(db: Database) -> None:

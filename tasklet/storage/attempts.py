@@ -74,9 +74,10 @@ class Claimer:
         return self._limited is not None
 
     @property
-    def contended(self) -> bool:
-        """Whether the last limited claim skipped a key that another claimer held."""
-        return self._limited is not None and self._limited.contended
+    def retry_soon(self) -> bool:
+        """Whether the last limited claim left keys unseen (held by another claimer, or
+        past the bound of its scan): a claim in a moment may find room there."""
+        return self._limited is not None and self._limited.retry_soon
 
     def claim(self, limit: int) -> list[ClaimedJob]:
         """Up to ``limit`` due jobs, by priority, then due time, then id.

@@ -38,8 +38,9 @@ class LimitedClaims:
         self._db = db
         self._params: dict[str, Any] = {"worker_id": worker_id, "queues": queues, "names": names}
         self._after = ""
-        #: Whether the last claim skipped a key another claimer held at that moment.
-        self.contended = False
+        #: Whether the last claim left keys it could not look at: held by another claimer
+        #: at that moment, or past the bound of its scan.
+        self.retry_soon = False
         self._lock_space = lock_space(db.schema)
 
     def claim_pg(self, conn: Connection, limit: int) -> list[Any]:
@@ -62,7 +63,9 @@ class LimitedClaims:
             # Resume after the last key seen, or from the start once the scan reached the end.
             self._after = "" if not found or found[-1][1] is None else found[-1][1]
             keys = [(key, lim) for _, key, lim, locked in found if lim is not None and locked]
-            self.contended = any(lim is not None and not locked for _, _, lim, locked in found)
+            held = any(lim is not None and not locked for _, _, lim, locked in found)
+            cut_short = bool(found) and found[-1][0] == VISIT and found[-1][1] is not None
+            self.retry_soon = held or cut_short
             rows = []
             if keys:
                 rows = self._db.driver_execute(
