@@ -9,6 +9,7 @@
 from ._config import Settings, configure
 from ._defer import Deferrer, JobHandle
 from ._job import Job, job
+from ._queues import pause_queue, paused_queues, resume_queue
 from .context import JobContext
 from .errors import (
     DatabaseUnavailableError,
@@ -52,5 +53,8 @@ __all__ = [
     "get_runs",
     "job",
     "metadata",
+    "pause_queue",
+    "paused_queues",
+    "resume_queue",
     "upgrade",
 ]

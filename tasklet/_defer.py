@@ -42,6 +42,8 @@ class EnqueueOptions:
     max_attempts: int
     timeout: float | None
     connection: ConnectionLike | None = None
+    #: Overrides the key of a job with a concurrency limit (jobs sharing a key share it).
+    concurrency_key: str | None = None
 
 
 def check_name(kind: str, value: object) -> None:
@@ -64,6 +66,8 @@ def check_options(options: EnqueueOptions) -> None:
         )
     if options.timeout is not None and not options.timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, not {options.timeout!r}")
+    if options.concurrency_key is not None:
+        check_name("concurrency_key", options.concurrency_key)
 
 
 def _aware(when: dt.datetime) -> dt.datetime:
@@ -111,6 +115,7 @@ class Deferrer(Generic[P]):
         max_attempts: int | None = None,
         timeout: float | None = None,
         connection: ConnectionLike | None = None,
+        concurrency_key: str | None = None,
     ) -> Deferrer[P]:
         """A view of this job whose enqueues use other settings.
 
@@ -130,8 +135,14 @@ class Deferrer(Generic[P]):
             max_attempts=current.max_attempts if max_attempts is None else max_attempts,
             timeout=current.timeout if timeout is None else timeout,
             connection=current.connection if connection is None else connection,
+            concurrency_key=current.concurrency_key if concurrency_key is None else concurrency_key,
         )
         check_options(options)
+        if concurrency_key is not None and self._job.concurrency is None:
+            raise ValueError(
+                f"concurrency_key applies to jobs with a concurrency limit: declare "
+                f"{self._job.name} with @job(concurrency=N)"
+            )
         return Deferrer(self._job, options)
 
     # ------------------------------------------------------------------ sync

@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import inspect
 import typing
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import (
     TYPE_CHECKING,
@@ -69,6 +70,8 @@ class Job(Deferrer[P], Generic[P, R]):
         backoff: Backoff | None,
         serializer: Serializer,
         no_retry: tuple[type[BaseException], ...] = (),
+        concurrency: int | None = None,
+        concurrency_key: str | None = None,
     ) -> None:
         super().__init__(self, options)
         functools.update_wrapper(self, func)
@@ -94,6 +97,15 @@ class Job(Deferrer[P], Generic[P, R]):
         self._required = frozenset(
             name for name, p in self.signature.parameters.items() if p.default is p.empty
         )
+        #: At most this many attempts of this job (per key) run at once, across all workers.
+        self.concurrency = concurrency
+        #: The parameter whose value divides the limit into keys, if any.
+        self.concurrency_key = concurrency_key
+        if concurrency_key is not None and concurrency_key not in self._accepted:
+            raise JobDefinitionError(
+                f"concurrency_key={concurrency_key!r} must name a parameter of "
+                f"{self.name}{self.signature}"
+            )
 
     @property
     def queue(self) -> str:
@@ -220,6 +232,28 @@ class Job(Deferrer[P], Generic[P, R]):
                 f"stored arguments {sorted(given)} do not fit {self.name}{self.signature}: {exc}"
             ) from None
 
+    def _limit(
+        self, options: EnqueueOptions, arguments: Mapping[str, Any]
+    ) -> tuple[str | None, int | None]:
+        """The concurrency key and limit a new row carries (none for an unlimited job)."""
+        if self.concurrency is None:
+            return None, None
+        if options.concurrency_key is not None:
+            return options.concurrency_key, self.concurrency
+        if self.concurrency_key is None:
+            return self.name, self.concurrency
+        parameter = self.signature.parameters[self.concurrency_key]
+        value = arguments.get(self.concurrency_key, parameter.default)
+        if isinstance(value, bool) or not isinstance(value, str | int | uuid.UUID):
+            raise TypeError(
+                f"{self.name}: {self.concurrency_key}={value!r} is its concurrency key, which "
+                "must be a str, an int or a UUID (or pass .options(concurrency_key=...))"
+            )
+        key = f"{self.name}:{value}"
+        if "\x00" in key:
+            raise ValueError(f"{self.name}: a concurrency key cannot hold NUL, as in {key!r}")
+        return key, self.concurrency
+
     def new_row(
         self,
         options: EnqueueOptions,
@@ -229,8 +263,17 @@ class Job(Deferrer[P], Generic[P, R]):
         run_at: dt.datetime | None = None,
         delay_s: float = 0.0,
     ) -> storage.NewJob:
-        payload, text, pickled = self.encode(self.bind(args, kwargs))
-        return self._row(options, payload, text, pickled, run_at=run_at, delay_s=delay_s)
+        arguments = self.bind(args, kwargs)
+        payload, text, pickled = self.encode(arguments)
+        return self._row(
+            options,
+            payload,
+            text,
+            pickled,
+            run_at=run_at,
+            delay_s=delay_s,
+            limit=self._limit(options, arguments),
+        )
 
     def _row(
         self,
@@ -241,6 +284,7 @@ class Job(Deferrer[P], Generic[P, R]):
         *,
         run_at: dt.datetime | None = None,
         delay_s: float = 0.0,
+        limit: tuple[str | None, int | None] = (None, None),
     ) -> storage.NewJob:
         return storage.NewJob(
             name=self.name,
@@ -254,6 +298,8 @@ class Job(Deferrer[P], Generic[P, R]):
             run_at=run_at,
             delay_s=delay_s,
             args_json=text,
+            concurrency_key=limit[0],
+            concurrency_limit=limit[1],
         )
 
     def new_rows(
@@ -265,8 +311,8 @@ class Job(Deferrer[P], Generic[P, R]):
             return [self.new_row(options, (), kwargs) for kwargs in bound]
         limit = _config.database().settings.max_payload_bytes
         return [
-            self._row(options, payload, None, None)
-            for payload in _codec.encode_json_many(bound, limit)
+            self._row(options, payload, None, None, limit=self._limit(options, kwargs))
+            for payload, kwargs in zip(_codec.encode_json_many(bound, limit), bound, strict=True)
         ]
 
 
@@ -292,6 +338,8 @@ def job(
     backoff: Backoff | None = None,
     serializer: Serializer = "json",
     no_retry: tuple[type[BaseException], ...] = (),
+    concurrency: int | None = None,
+    concurrency_key: str | None = None,
 ) -> _JobDecorator: ...
 def job(
     func: Callable[..., Any] | None = None,
@@ -305,6 +353,8 @@ def job(
     backoff: Backoff | None = None,
     serializer: Serializer = "json",
     no_retry: tuple[type[BaseException], ...] = (),
+    concurrency: int | None = None,
+    concurrency_key: str | None = None,
 ) -> Job[Any, Any] | _JobDecorator:
     """Register a function, sync or async, as a job type.
 
@@ -318,7 +368,10 @@ def job(
     ``backoff`` (seconds between attempts, or a function of the attempt number;
     default exponential with jitter), ``serializer`` (``"json"``, or
     ``"pickle"`` for arguments JSON cannot carry), ``no_retry`` (exception
-    types that fail the job at once instead of being retried).
+    types that fail the job at once instead of being retried), ``concurrency``
+    (at most this many attempts run at once across every worker and machine),
+    ``concurrency_key`` (the name of a parameter: the limit then applies per
+    value of that argument, e.g. per tenant).
     """
     options = EnqueueOptions(
         queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout
@@ -338,6 +391,8 @@ def job(
             f"backoff must be seconds (>= 0) or a function of the attempt, not {backoff!r}"
         )
 
+    _check_concurrency(concurrency, concurrency_key)
+
     def decorate(fn: Callable[..., Any]) -> Job[Any, Any]:
         if not callable(fn):
             raise JobDefinitionError(f"@job decorates a function, not {fn!r}")
@@ -353,6 +408,8 @@ def job(
             backoff=backoff,
             serializer=serializer,
             no_retry=tuple(no_retry),
+            concurrency=concurrency,
+            concurrency_key=concurrency_key,
         )
         _registry.register(created)
         return created
@@ -360,6 +417,24 @@ def job(
     if func is not None:
         return decorate(func)
     return decorate
+
+
+def _check_concurrency(concurrency: int | None, concurrency_key: str | None) -> None:
+    if concurrency is not None and (
+        isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+    ):
+        raise JobDefinitionError(
+            f"concurrency is how many attempts may run at once: an int >= 1, not {concurrency!r}"
+        )
+    if concurrency_key is not None:
+        if concurrency is None:
+            raise JobDefinitionError(
+                "concurrency_key divides a concurrency limit by argument: pass concurrency=N too"
+            )
+        if not isinstance(concurrency_key, str):
+            raise JobDefinitionError(
+                f"concurrency_key names a parameter of the job, not {concurrency_key!r}"
+            )
 
 
 def _default_name(fn: Callable[..., Any]) -> str:

@@ -46,3 +46,9 @@ def get(name: str) -> Job[Any, Any] | None:
 def names() -> list[str]:
     with _lock:
         return sorted(_jobs)
+
+
+def has_limits() -> bool:
+    """Whether a job type here has a concurrency limit (its worker then claims those jobs)."""
+    with _lock:
+        return any(job.concurrency is not None for job in _jobs.values())

@@ -13,7 +13,7 @@ from alembic.util import CommandError
 from sqlalchemy import exc
 from sqlalchemy.engine import make_url
 
-from . import _config, _discovery, migrations, storage
+from . import _config, _discovery, _queues, migrations, storage
 from ._database import Database
 from .errors import TaskletError
 from .worker import Worker, WorkerSettings
@@ -47,7 +47,20 @@ def _parser() -> argparse.ArgumentParser:
     clear = commands.add_parser("clear", help="delete queued jobs (running and finished ones stay)")
     clear.add_argument("-q", "--queue", action="append", dest="queues", metavar="QUEUE")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _queue_arguments(commands)
     return parser
+
+
+def _queue_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    queue = commands.add_parser("queue", help="pause, resume or list queues")
+    actions = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (
+        ("pause", "workers start no job of QUEUE until it is resumed (it still takes jobs)"),
+        ("resume", "workers start jobs of QUEUE again, at once"),
+    ):
+        parser = actions.add_parser(action, help=text, description=text)
+        parser.add_argument("name", metavar="QUEUE")
+    actions.add_parser("list", help="queues with queued or running jobs, and paused queues")
 
 
 def _worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +175,31 @@ def _clear(args: argparse.Namespace) -> int:
     return 0
 
 
+def _queue(args: argparse.Namespace) -> int:
+    db = _open_database()
+    if args.action == "list":
+        rows = storage.queues_list(db)
+        width = max([len("QUEUE"), *(len(r.name) for r in rows)])
+        print(f"{'QUEUE':<{width}}  {'QUEUED':>8}  {'RUNNING':>8}  PAUSED SINCE")
+        for r in rows:
+            since = "-" if r.paused_at is None else r.paused_at.isoformat(timespec="seconds")
+            print(f"{r.name:<{width}}  {r.queued:>8}  {r.running:>8}  {since}")
+        return 0
+    change = _queues.pause_queue if args.action == "pause" else _queues.resume_queue
+    try:
+        changed = change(args.name)
+    except ValueError as error:
+        raise TaskletError(str(error)) from None
+    messages = {
+        ("pause", True): "paused queue {!r}: it takes jobs and running ones finish, none starts",
+        ("pause", False): "queue {!r} was already paused",
+        ("resume", True): "resumed queue {!r}",
+        ("resume", False): "queue {!r} was not paused",
+    }
+    print("tasklet: " + messages[args.action, changed].format(args.name))
+    return 0
+
+
 def _where(db: Database) -> str:
     return db.display_url if db.schema is None else f"{db.display_url} (schema {db.schema})"
 
@@ -229,7 +267,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configured = args.database_url is not None or args.schema is not None
     if configured:
         _config.configure(args.database_url, schema=args.schema)
-    commands = {"migrate": _migrate, "worker": _run_worker, "workoff": _run_worker, "clear": _clear}
+    commands = {
+        "migrate": _migrate,
+        "worker": _run_worker,
+        "workoff": _run_worker,
+        "clear": _clear,
+        "queue": _queue,
+    }
     try:
         return commands[args.command](args)
     except (TaskletError, CommandError, exc.DBAPIError) as error:

@@ -121,6 +121,9 @@ class Worker:
         self._db = database
         self.queue_filter = self.settings.queues or None
         self.job_names: list[str] = []
+        #: Whether some job type here has a concurrency limit (then claims take those too).
+        self.limited = False
+        self._limited_ids: set[int] = set()  # running jobs under a concurrency limit
         self._in_flight = 0
         self._attempts: dict[int, Attempt] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -231,6 +234,7 @@ class Worker:
         """
         self._loop = asyncio.get_running_loop()
         self.job_names = _registry.names()
+        self.limited = _registry.has_limits()
         db = self.db
         await anyio.to_thread.run_sync(self.register)
         lifeline = Lifeline(self)
@@ -264,7 +268,11 @@ class Worker:
             max_workers=self.settings.concurrency, thread_name_prefix="tasklet-job"
         )
         claimer = storage.Claimer(
-            self.db, worker_id=self.id, queues=self.queue_filter, names=self.job_names
+            self.db,
+            worker_id=self.id,
+            queues=self.queue_filter,
+            names=self.job_names,
+            limited=self.limited,
         )
         try:
             async with anyio.create_task_group() as group:
@@ -359,15 +367,22 @@ class Worker:
             return
         for row in rows:
             self._start(executor, row)
+        if claimer.limited:
+            self._limited_ids.update(claimer.limited_ids)
         if len(rows) < free:
             # Nothing more is due now: sleep until the next scheduled job, or a wake-up.
             self._maybe_due = False
             due_in = await anyio.to_thread.run_sync(self._due_in)
+            if claimer.limited and claimer.retry_soon:
+                # Keys held by another claimer, or not reached yet: look again in a moment.
+                due_in = _wakeup.HOT_CHECK_S if due_in is None else min(due_in, _wakeup.HOT_CHECK_S)
             self._next_due = None if due_in is None else anyio.current_time() + due_in
 
     def _due_in(self) -> float | None:
         """Seconds until the next queued job of this worker's is due (None: none queued)."""
-        due = storage.jobs_next_due(self.db, queues=self.queue_filter, names=self.job_names)
+        due = storage.jobs_next_due(
+            self.db, queues=self.queue_filter, names=self.job_names, limited=self.limited
+        )
         return None if due is None else (due - storage.utcnow()).total_seconds()
 
     async def _idle(self) -> None:
@@ -535,8 +550,17 @@ class Worker:
                 )
             elif completion.status == "queued" and completion.delay_s <= 0:
                 self._on_wake(None)
+        if self._limited_ids:
+            self._limited_finished(batch)
         if self._pending:
             self._pending_ready.set()
+
+    def _limited_finished(self, batch: list[storage.Completion]) -> None:
+        """A recorded end of a job under a concurrency limit frees room in its key: claim."""
+        freed = [c.job_id for c in batch if c.job_id in self._limited_ids]
+        if freed:
+            self._limited_ids.difference_update(freed)
+            self._on_wake(None)
 
     # --------------------------------------------------------------- shutdown
 

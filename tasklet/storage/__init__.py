@@ -6,6 +6,7 @@ once, synchronously; async callers run it in a worker thread.
 
 * ``jobs``: enqueue, read, clear, count (the API and the CLI);
 * ``attempts``: claim, finish, rescue (the worker);
+* ``queues``: pause, resume, list;
 * ``workers``: register, heartbeat, unregister.
 """
 
@@ -21,6 +22,7 @@ from .jobs import (
     jobs_list,
     jobs_next_due,
 )
+from .queues import QueueRow, queue_pause, queue_resume, queues_list, queues_paused
 from .rows import ClaimedJob, Completion, JobRow, NewJob, RunRow, as_utc, utcnow
 from .stats import queue_depths
 from .workers import worker_heartbeat, worker_register, worker_unregister
@@ -31,6 +33,7 @@ __all__ = [
     "Completion",
     "JobRow",
     "NewJob",
+    "QueueRow",
     "RunRow",
     "as_utc",
     "job_get",
@@ -46,6 +49,10 @@ __all__ = [
     "jobs_next_due",
     "jobs_rescue",
     "queue_depths",
+    "queue_pause",
+    "queue_resume",
+    "queues_list",
+    "queues_paused",
     "utcnow",
     "worker_heartbeat",
     "worker_register",

@@ -141,6 +141,7 @@ candidates AS (
              LIMIT %(limit)s
                FOR UPDATE SKIP LOCKED) AS c
      WHERE q.queue IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM {paused} AS p WHERE p.queue = q.queue)
      ORDER BY c.priority, c.run_at, c.id
      LIMIT %(limit)s
 )
@@ -203,7 +204,94 @@ SELECT id FROM updated
 def pg_claim_sql(schema: str | None, all_queues: bool) -> str:
     jobs_table = table(schema, "jobs")
     queues_cte = (_ALL_QUEUES if all_queues else _GIVEN_QUEUES).format(jobs=jobs_table)
-    return _PG_CLAIM.format(queues_cte=queues_cte, jobs=jobs_table)
+    return _PG_CLAIM.format(
+        queues_cte=queues_cte, jobs=jobs_table, paused=table(schema, "paused_queues")
+    )
+
+
+# Claims of jobs under a concurrency limit (only by workers that run such jobs). On
+# PostgreSQL two statements in one short transaction: the first finds candidate keys
+# and takes a transaction-scoped advisory lock on each (skipping keys another
+# claimer holds); the second, whose snapshot is taken after the locks, counts each
+# key's running jobs and claims up to its limit. Counting in the first statement
+# would read a snapshot from before a concurrent claimer's commit, and overshoot.
+#
+# Candidate keys come from a skip scan of the limited claim index, bounded to
+# %(visit)s keys and resumed after the last key seen (so every key gets its turn).
+# A key is a candidate when one of its first due jobs is this worker's, and it
+# does not look full. Marker rows tell where the scan stopped: a NULL key (the
+# end), or the %(visit)s-th key.
+_PG_LIMITED_KEYS = """
+WITH RECURSIVE keys(key, n) AS (
+    (SELECT concurrency_key, 1 FROM {jobs}
+      WHERE status = 'queued' AND concurrency_key > %(after)s
+      ORDER BY concurrency_key LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.concurrency_key FROM {jobs} AS j
+             WHERE j.status = 'queued' AND j.concurrency_key > keys.key
+             ORDER BY j.concurrency_key LIMIT 1),
+           keys.n + 1
+      FROM keys WHERE keys.key IS NOT NULL AND keys.n < %(visit)s
+)
+SELECT k.n, k.key, h.lim,
+       CASE WHEN h.lim IS NOT NULL
+            THEN pg_try_advisory_xact_lock(%(lock_space)s, hashtext(k.key)) END
+  FROM keys AS k
+  LEFT JOIN LATERAL (
+        SELECT d.concurrency_limit AS lim
+          FROM (SELECT name, queue, concurrency_limit FROM {jobs} AS c
+                 WHERE c.status = 'queued' AND c.concurrency_key = k.key AND c.run_at <= now()
+                 ORDER BY c.priority, c.run_at, c.id
+                 LIMIT 8) AS d
+         WHERE d.name = ANY(%(names)s::text[]) {queue_filter}
+           AND NOT EXISTS (SELECT 1 FROM {paused} AS p WHERE p.queue = d.queue)
+           AND (SELECT count(*) FROM {jobs} AS r
+                 WHERE r.status = 'running' AND r.concurrency_key = k.key) < d.concurrency_limit
+         LIMIT 1) AS h ON true
+ WHERE h.lim IS NOT NULL OR k.key IS NULL OR k.n = %(visit)s
+ LIMIT %(limit)s
+"""
+
+_PG_LIMITED_CLAIM = """
+WITH keys AS (
+    SELECT k.key, k.lim - (SELECT count(*) FROM {jobs} AS r
+                            WHERE r.status = 'running' AND r.concurrency_key = k.key) AS room
+      FROM unnest(%(keys)s::text[], %(limits)s::int[]) AS k(key, lim)
+),
+candidates AS (
+    SELECT c.id, c.priority, c.run_at
+      FROM keys AS k
+     CROSS JOIN LATERAL (
+            SELECT d.id, d.priority, d.run_at
+              FROM {jobs} AS d
+             WHERE d.status = 'queued' AND d.concurrency_key = k.key
+               AND d.name = ANY(%(names)s::text[]) AND d.run_at <= now() {queue_filter}
+               AND NOT EXISTS (SELECT 1 FROM {paused} AS p WHERE p.queue = d.queue)
+             ORDER BY d.priority, d.run_at, d.id
+             LIMIT greatest(k.room, 0)
+               FOR UPDATE SKIP LOCKED) AS c
+     ORDER BY c.priority, c.run_at, c.id
+     LIMIT %(limit)s
+)
+UPDATE {jobs} AS j
+   SET status = 'running', attempts = j.attempts + 1, locked_by = %(worker_id)s,
+       started_at = now(), lease = j.lease + 1
+  FROM candidates
+ WHERE j.id = candidates.id
+RETURNING j.id, j.name, j.queue, j.priority, j.serializer, j.args, j.args_pickle,
+          j.attempts, j.max_attempts, j.timeout, j.run_at, j.lease
+"""
+
+
+@functools.lru_cache(maxsize=64)
+def pg_limited_claim_sql(schema: str | None, all_queues: bool) -> tuple[str, str]:
+    """The limited claim's two statements: lock the candidate keys, then claim."""
+    queue_filter = "" if all_queues else "AND d.queue = ANY(%(queues)s::text[])"
+    names = {"jobs": table(schema, "jobs"), "paused": table(schema, "paused_queues")}
+    return (
+        _PG_LIMITED_KEYS.format(queue_filter=queue_filter, **names),
+        _PG_LIMITED_CLAIM.format(queue_filter=queue_filter, **names),
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -220,12 +308,40 @@ UPDATE jobs
        SELECT id FROM jobs
         WHERE status = 'queued' AND concurrency_key IS NULL {queue_filter}
           AND name IN (SELECT value FROM json_each(:names)) AND run_at <= :now
+          AND queue NOT IN (SELECT queue FROM paused_queues)
         ORDER BY priority, run_at, id
         LIMIT :limit)
 RETURNING id, name, queue, priority, serializer, args, args_pickle, attempts, max_attempts,
           timeout, run_at, lease
 """
 SQLITE_QUEUE_FILTER = "AND queue IN (SELECT value FROM json_each(:queues))"
+
+# Under the write lock one statement is race-free: rank each key's due jobs and
+# claim those that fit in the room its running jobs leave.
+SQLITE_LIMITED_CLAIM = """
+UPDATE jobs
+   SET status = 'running', attempts = attempts + 1, locked_by = :worker_id,
+       started_at = :now, lease = lease + 1
+ WHERE id IN (
+       SELECT id FROM (
+              SELECT c.id, c.priority, c.run_at, row_number() OVER by_key AS rank,
+                     first_value(c.concurrency_limit) OVER by_key - coalesce(r.n, 0) AS room
+                FROM jobs AS c
+                LEFT JOIN (SELECT concurrency_key, count(*) AS n FROM jobs
+                            WHERE status = 'running' AND concurrency_key IS NOT NULL
+                            GROUP BY concurrency_key) AS r
+                       ON r.concurrency_key = c.concurrency_key
+               WHERE c.status = 'queued' AND c.concurrency_key IS NOT NULL {queue_filter}
+                 AND c.name IN (SELECT value FROM json_each(:names)) AND c.run_at <= :now
+                 AND c.queue NOT IN (SELECT queue FROM paused_queues)
+              WINDOW by_key AS (PARTITION BY c.concurrency_key
+                                ORDER BY c.priority, c.run_at, c.id))
+        WHERE rank <= room
+        ORDER BY priority, run_at, id
+        LIMIT :limit)
+RETURNING id, name, queue, priority, serializer, args, args_pickle, attempts, max_attempts,
+          timeout, run_at, lease
+"""
 
 SQLITE_FINISH = """
 UPDATE jobs

@@ -29,6 +29,7 @@ from ._sql import (
     pg_finish_sql,
     stamp,
 )
+from .limited import LimitedClaims
 from .rows import ClaimedJob, Completion, JobRow, as_utc, sqlite_text, utcnow
 
 _TERMINAL = ("succeeded", "failed", "cancelled")
@@ -44,18 +45,63 @@ class Claimer:
     """
 
     def __init__(
-        self, db: Database, *, worker_id: str, queues: Sequence[str] | None, names: Sequence[str]
+        self,
+        db: Database,
+        *,
+        worker_id: str,
+        queues: Sequence[str] | None,
+        names: Sequence[str],
+        limited: bool = False,
     ) -> None:
         self._db = db
         self._worker_id = worker_id
         self._queues = list(queues) if queues else None
         self._names = list(names)
         self._conn: Connection | None = None
+        # Jobs under a concurrency limit are claimed too, only when this is set.
+        self._limited = (
+            LimitedClaims(db, worker_id=worker_id, queues=self._queues, names=self._names)
+            if limited
+            else None
+        )
+        self._limited_first = True
+        #: The jobs under a limit among those the last claim returned.
+        self.limited_ids: list[int] = []
+
+    @property
+    def limited(self) -> bool:
+        """Whether this claimer also takes jobs under a concurrency limit (see :meth:`claim`)."""
+        return self._limited is not None
+
+    @property
+    def retry_soon(self) -> bool:
+        """Whether the last limited claim left keys unseen (held by another claimer, or
+        past the bound of its scan): a claim in a moment may find room there."""
+        return self._limited is not None and self._limited.retry_soon
 
     def claim(self, limit: int) -> list[ClaimedJob]:
-        """Up to ``limit`` due jobs, by priority, then due time, then id."""
+        """Up to ``limit`` due jobs, by priority, then due time, then id.
+
+        A claimer that is ``limited`` also claims jobs under a concurrency
+        limit, from the same ``limit``: the two kinds take turns to go first,
+        so neither can starve the other. Priority orders jobs within a kind.
+        """
         if limit <= 0 or not self._names:
             return []
+        if not self.limited:
+            return self._claim_unlimited(limit)
+        self.limited_ids = []
+        kinds = [self._claim_limited, self._claim_unlimited]
+        if not self._limited_first:
+            kinds.reverse()
+        self._limited_first = not self._limited_first
+        claimed = kinds[0](limit)
+        if len(claimed) < limit:
+            claimed += kinds[1](limit - len(claimed))
+        claimed.sort(key=lambda j: (j.priority, j.run_at, j.id))
+        return claimed
+
+    def _claim_unlimited(self, limit: int) -> list[ClaimedJob]:
         if self._db.dialect == "sqlite":
             return self._claim_sqlite(limit)
         with self._db.translate_errors():
@@ -76,6 +122,23 @@ class Claimer:
                 self.close()  # a fresh connection next time
                 raise
         claimed.sort(key=lambda j: (j.priority, j.run_at, j.id))
+        return claimed
+
+    def _claim_limited(self, limit: int) -> list[ClaimedJob]:
+        limited = self._limited
+        assert limited is not None
+        if self._db.dialect == "sqlite":
+            claimed = [_sqlite_claimed(row) for row in limited.claim_sqlite(limit)]
+        else:
+            with self._db.translate_errors():
+                try:
+                    claimed = [
+                        ClaimedJob(*row) for row in limited.claim_pg(self._connection(), limit)
+                    ]
+                except exc.DBAPIError:
+                    self.close()  # a fresh connection next time
+                    raise
+        self.limited_ids = [j.id for j in claimed]
         return claimed
 
     def _connection(self) -> Connection:
@@ -121,10 +184,16 @@ def _sqlite_claimed(row: Any) -> ClaimedJob:
 
 
 def jobs_claim(
-    db: Database, *, worker_id: str, queues: Sequence[str] | None, names: Sequence[str], limit: int
+    db: Database,
+    *,
+    worker_id: str,
+    queues: Sequence[str] | None,
+    names: Sequence[str],
+    limit: int,
+    limited: bool = False,
 ) -> list[ClaimedJob]:
     """One claim on a connection of its own (a worker keeps a :class:`Claimer` instead)."""
-    claimer = Claimer(db, worker_id=worker_id, queues=queues, names=names)
+    claimer = Claimer(db, worker_id=worker_id, queues=queues, names=names, limited=limited)
     try:
         return claimer.claim(limit)
     finally:

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from .._database import Database
-from ..schema import job_runs, jobs
+from ..schema import job_runs, jobs, paused_queues
 from ._sql import SQLITE_INSERTS, in_queues, now, pg_insert_sql
 from .rows import JobRow, NewJob, RunRow, as_utc, sqlite_text, sqlite_time, utcnow
 
@@ -270,16 +270,27 @@ def jobs_flag_unknown(
 
 
 def jobs_next_due(
-    db: Database, *, queues: Sequence[str] | None, names: Sequence[str]
+    db: Database, *, queues: Sequence[str] | None, names: Sequence[str], limited: bool = False
 ) -> dt.datetime | None:
-    """When the earliest queued job of these queues and names is due, or None if there is none."""
-    query = sa.select(sa.func.min(jobs.c.run_at)).where(
-        jobs.c.status == "queued",
-        jobs.c.concurrency_key.is_(None),  # on the claim index
-        in_queues(queues),
-        jobs.c.name.in_(names),
-    )
+    """When the earliest queued job of these queues and names is due, or None if there is none.
+
+    Jobs of paused queues are left out: a worker waits for the resume instead of
+    claiming in vain. With ``limited``, jobs under a concurrency limit count
+    only while they are scheduled for later: a due one that was not claimed
+    waits for a running job of its key to finish, and that finish wakes the
+    worker (``worker._flush_once``), so a worker never spins on a full key.
+    """
+    unpaused = jobs.c.queue.not_in(sa.select(paused_queues.c.queue))
+    mine = (jobs.c.status == "queued", in_queues(queues), jobs.c.name.in_(names), unpaused)
+    # On the claim index.
+    query = sa.select(sa.func.min(jobs.c.run_at)).where(*mine, jobs.c.concurrency_key.is_(None))
     with db.begin(read_only=True) as conn:
+        if limited:
+            scheduled = sa.select(sa.func.min(jobs.c.run_at)).where(
+                *mine, jobs.c.concurrency_key.is_not(None), jobs.c.run_at > now(conn)
+            )
+            both = sa.union_all(query, scheduled).subquery()
+            query = sa.select(sa.func.min(both.c[0]))
         value = conn.execute(query, execution_options=db.execution_options).scalar()
     if isinstance(value, str):  # SQLite's min() returns the stored text
         value = dt.datetime.fromisoformat(value)
