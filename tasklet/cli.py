@@ -13,9 +13,10 @@ from alembic.util import CommandError
 from sqlalchemy import exc
 from sqlalchemy.engine import make_url
 
-from . import _config, _discovery, migrations, storage
+from . import _admin, _config, _discovery, migrations, storage
 from ._database import Database
 from .errors import TaskletError
+from .schema import JOB_STATUSES
 from .worker import Worker, WorkerSettings
 
 
@@ -47,7 +48,55 @@ def _parser() -> argparse.ArgumentParser:
     clear = commands.add_parser("clear", help="delete queued jobs (running and finished ones stay)")
     clear.add_argument("-q", "--queue", action="append", dest="queues", metavar="QUEUE")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _admin_parsers(commands)
     return parser
+
+
+def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``status``, ``jobs ...``, ``workers``: each sets ``handler(db, args) -> exit code``."""
+    lost_after = WorkerSettings().lost_after_s
+
+    def admin_command(
+        group: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str
+    ) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=text, description=text)
+        sub.add_argument("--json", action="store_true", help="one JSON document on stdout")
+        return sub
+
+    status = admin_command(commands, "status", "jobs per queue and state, paused queues, workers")
+    status.set_defaults(handler=_admin.status)
+    workers = admin_command(commands, "workers", "alive workers: queues, concurrency, heartbeat")
+    workers.set_defaults(handler=_admin.workers)
+    for sub in (status, workers):
+        sub.add_argument(
+            "--lost-after",
+            type=float,
+            default=lost_after,
+            help=f"a worker silent this long is not alive (default {lost_after:g})",
+        )
+
+    jobs = commands.add_parser("jobs", help="list, show and retry jobs")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="COMMAND")
+    listing = admin_command(jobs_commands, "list", "jobs, newest first")
+    listing.set_defaults(handler=_admin.jobs_list)
+    listing.add_argument("-q", "--queue")
+    listing.add_argument("-s", "--status", choices=JOB_STATUSES)
+    listing.add_argument("-n", "--name", help="the job's name (module.function)")
+    listing.add_argument("-l", "--limit", type=int, default=50, help="default 50")
+    listing.add_argument("--before", type=int, metavar="ID", help="the next page: ids below ID")
+    show = admin_command(jobs_commands, "show", "a job's columns, arguments and every attempt")
+    show.set_defaults(handler=_admin.jobs_show)
+    show.add_argument("id", type=int, metavar="ID")
+    retry = admin_command(
+        jobs_commands, "retry", "put failed (or cancelled) jobs back in their queue, due now"
+    )
+    retry.set_defaults(handler=_admin.jobs_retry)
+    retry.add_argument("id", type=int, nargs="?", metavar="ID")
+    retry.add_argument("--all-failed", action="store_true", help="every failed job")
+    retry.add_argument(
+        "-q", "--queue", action="append", metavar="QUEUE", help="with --all-failed (repeatable)"
+    )
+    # `tasklet jobs cancel ID` plugs in here: admin_command(jobs_commands, "cancel", ...).
 
 
 def _worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _config.configure(args.database_url, schema=args.schema)
     commands = {"migrate": _migrate, "worker": _run_worker, "workoff": _run_worker, "clear": _clear}
     try:
+        handler = getattr(args, "handler", None)
+        if handler is not None:
+            return int(handler(_open_database(), args))
         return commands[args.command](args)
     except (TaskletError, CommandError, exc.DBAPIError) as error:
         print(f"tasklet: {_error_message(error)}", file=sys.stderr)
