@@ -13,7 +13,7 @@ from alembic.util import CommandError
 from sqlalchemy import exc
 from sqlalchemy.engine import make_url
 
-from . import _admin, _config, _discovery, migrations, storage
+from . import _admin, _config, _discovery, _start, migrations, storage, supervisor
 from ._database import Database
 from .errors import TaskletError
 from .schema import JOB_STATUSES
@@ -49,7 +49,28 @@ def _parser() -> argparse.ArgumentParser:
     clear.add_argument("-q", "--queue", action="append", dest="queues", metavar="QUEUE")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     _admin_parsers(commands)
+    _process_parsers(commands)
     return parser
+
+
+def _process_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``start``, ``stop``, ``restart`` and ``supervise``: worker processes under a supervisor."""
+    for name, text in (
+        ("start", "start worker processes in the background, restarted if they die"),
+        ("restart", "stop, then start (the same workers unless -n says otherwise)"),
+        ("supervise", "run worker processes in the foreground, restarted if they die"),
+        ("stop", "stop the workers that `tasklet start` started, gracefully"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.set_defaults(process_command=getattr(_start, name))
+        sub.add_argument("-n", "--workers", metavar="SPEC", help=supervisor.SPEC_HELP)
+        sub.add_argument(
+            "--state-dir",
+            default=".tasklet",
+            help="pidfile, log and lock of the supervisor (default .tasklet)",
+        )
+        if name != "stop":
+            _worker_arguments(sub)
 
 
 def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -258,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = getattr(args, "handler", None)
         if handler is not None:
             return int(handler(_open_database(), args))
+        process_command = getattr(args, "process_command", None)
+        if process_command is not None:
+            return int(process_command(args))
         return commands[args.command](args)
     except (TaskletError, CommandError, exc.DBAPIError) as error:
         print(f"tasklet: {_error_message(error)}", file=sys.stderr)
