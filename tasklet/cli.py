@@ -13,7 +13,7 @@ from alembic.util import CommandError
 from sqlalchemy import exc
 from sqlalchemy.engine import make_url
 
-from . import _admin, _config, _discovery, _start, migrations, storage, supervisor
+from . import _admin, _config, _discovery, _progress, _start, migrations, storage, supervisor
 from ._database import Database
 from .errors import TaskletError
 from .schema import JOB_STATUSES
@@ -167,14 +167,14 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a worker silent this long is dead (default {defaults.lost_after_s:g})",
     )
     timing.add_argument("--sweep", type=float, default=defaults.sweep_s)
-    parser.add_argument("--log-level", default="INFO", help="default INFO")
+    parser.add_argument(
+        "--log-level", help="default INFO (WARNING under workoff's progress bar on a terminal)"
+    )
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if args.command == "worker":
+        logging.basicConfig(level=(args.log_level or "INFO").upper(), format=_progress.LOG_FORMAT)
     directory = Path.cwd()
     _discovery.import_modules(_discovery.configured_modules(directory, args.imports), directory)
     settings = WorkerSettings(
@@ -187,7 +187,9 @@ def _run_worker(args: argparse.Namespace) -> int:
         sweep_s=args.sweep,
     )
     worker = Worker(settings, database=_open_database())
-    worker.run_sync(drain=args.command == "workoff", handle_signals=True)
+    if args.command == "workoff":
+        return _progress.workoff(worker, log_level=args.log_level)
+    worker.run_sync(handle_signals=True)
     return 0
 
 
