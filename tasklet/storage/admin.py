@@ -181,6 +181,9 @@ def jobs_page(
     if status in TERMINAL_STATUSES:
         query = query.where(jobs.c.status == status, jobs.c.finished_at.is_not(None))
         query = query.order_by(jobs.c.finished_at.desc(), jobs.c.id.desc())
+    elif status == "running":
+        # Few rows, on the rescue index; ordering by a bare id would walk the primary key.
+        query = query.where(jobs.c.status == status).order_by((jobs.c.id + 0).desc())
     else:
         if status is not None:
             query = query.where(jobs.c.status == status)
@@ -233,7 +236,7 @@ def jobs_retry(
     """Put failed or cancelled jobs back in the queue, due now; queued and running jobs stay.
 
     ``ids``: these jobs (failed or cancelled). ``all_failed``: every failed job
-    (of ``queues``), in batches of :data:`RETRY_BATCH`, each job at most once.
+    (of ``queues``), in transactions of :data:`RETRY_BATCH` jobs, each job at most once.
     A job whose unique key is held by a queued or running job is skipped.
     """
     retried: list[tuple[int, str]] = []
@@ -243,26 +246,16 @@ def jobs_retry(
             chunk = list(ids[start : start + RETRY_BATCH])
             _retry_batch(db, chunk, ("failed", "cancelled"), retried, skipped)
     if all_failed:
-        after = 0
-        while True:
-            with db.begin(read_only=True) as conn:
-                batch_query = (
-                    sa.select(jobs.c.id)
-                    .where(
-                        jobs.c.status == "failed",
-                        jobs.c.finished_at.is_not(None),
-                        in_queues(queues),
-                        jobs.c.id > after,
-                    )
-                    .order_by(jobs.c.id)
-                    .limit(RETRY_BATCH)
-                )
-                found = conn.execute(batch_query, execution_options=db.execution_options)
-                chunk = list(found.scalars())
-            if not chunk:
-                break
-            after = chunk[-1]
-            _retry_batch(db, chunk, ("failed",), retried, skipped)
+        # The ids first (the retention index has them), then the updates by primary key:
+        # each job is retried at most once, even if it fails again meanwhile.
+        with db.begin(read_only=True) as conn:
+            query = sa.select(jobs.c.id).where(
+                jobs.c.status == "failed", jobs.c.finished_at.is_not(None), in_queues(queues)
+            )
+            found = conn.execute(query, execution_options=db.execution_options)
+            failed = sorted(found.scalars())
+        for start in range(0, len(failed), RETRY_BATCH):
+            _retry_batch(db, failed[start : start + RETRY_BATCH], ("failed",), retried, skipped)
     return RetryOutcome(retried=retried, skipped=skipped)
 
 
