@@ -209,6 +209,23 @@ def test_jobs_list_pages_with_before(db: Database, backend: Backend) -> None:
     assert [j["id"] for j in second["jobs"]] == [ids[2], ids[1]]
 
 
+def test_jobs_list_of_a_finished_status_pages_by_finish_time(
+    db: Database, backend: Backend
+) -> None:
+    add(db, "default", 3, max_attempts=1)
+    first, second, third = claim(db, "default", 3)
+    for job in (third, first, second):  # finished in this order
+        end(db, [job], "failed", "E: boom")
+
+    page = cli_json(backend, "jobs", "list", "--status", "failed", "--limit", "2")
+    rest = cli_json(
+        backend, "jobs", "list", "--status", "failed", "--before", str(page["next_before"])
+    )
+
+    assert [j["id"] for j in page["jobs"]] == [second.id, first.id]
+    assert [j["id"] for j in rest["jobs"]] == [third.id]
+
+
 def test_jobs_list_filters_by_queue_status_and_name(db: Database, backend: Backend) -> None:
     add(db, "default", 2)
     wanted = failed(db, "email", 2)
@@ -222,8 +239,14 @@ def test_jobs_list_filters_by_queue_status_and_name(db: Database, backend: Backe
     assert [(j["name"], j["queue"]) for j in by_name["jobs"]] == [("tests.other", "email")]
 
 
-def test_jobs_list_refuses_an_unknown_status_naming_the_valid_ones(backend: Backend) -> None:
-    result = cli(backend, "jobs", "list", "--status", "done")
+def test_jobs_list_refuses_an_unknown_status_naming_the_valid_ones(tmp_path: Path) -> None:
+    result = cli(
+        Backend("sqlite", f"sqlite:///{tmp_path / 'none.db'}", None),
+        "jobs",
+        "list",
+        "--status",
+        "done",
+    )
 
     assert result.returncode == 2
     assert "succeeded" in result.stderr
@@ -359,8 +382,8 @@ def test_retry_skips_a_job_whose_unique_key_is_held_by_a_queued_job(
     assert (get_row(db, first[0].id).status, get_row(db, holder).status) == ("failed", "queued")
 
 
-def test_retry_without_an_id_or_all_failed_says_what_to_give(backend: Backend) -> None:
-    result = cli(backend, "jobs", "retry")
+def test_retry_without_an_id_or_all_failed_says_what_to_give(tmp_path: Path) -> None:
+    result = cli(Backend("sqlite", f"sqlite:///{tmp_path / 'none.db'}", None), "jobs", "retry")
 
     assert result.returncode == 1
     assert "give a job ID or --all-failed" in result.stderr

@@ -167,27 +167,42 @@ def jobs_page(
     limit: int = 50,
     before: int | None = None,
 ) -> list[JobRow]:
-    """A page of jobs, newest first: the ``limit`` highest ids below ``before``.
+    """A page of jobs, newest first: the ``limit`` that follow job ``before`` in that order.
 
-    A finished status reads the retention index (newest finished first, which is
-    nearly the same order) so that a few failed jobs are found at once among
-    millions of succeeded ones.
+    Newest is the highest id; for a finished status it is the latest finished,
+    read from the retention index, so that a few failed jobs are found at once
+    among millions of succeeded ones.
     """
     query = sa.select(jobs).where(jobs.c.queue == queue if queue is not None else sa.true())
     if name is not None:
         query = query.where(jobs.c.name == name)
-    if before is not None:
-        query = query.where(jobs.c.id < before)
     if status in TERMINAL_STATUSES:
         query = query.where(jobs.c.status == status, jobs.c.finished_at.is_not(None))
+        if before is not None:  # the jobs that come after job ``before`` in this order
+            anchor = jobs.alias("anchor")
+            of_anchor = sa.select(anchor.c.finished_at).where(anchor.c.id == before)
+            finished = of_anchor.scalar_subquery()
+            query = query.where(
+                sa.or_(
+                    jobs.c.finished_at < finished,
+                    sa.and_(jobs.c.finished_at == finished, jobs.c.id < before),
+                )
+            )
         query = query.order_by(jobs.c.finished_at.desc(), jobs.c.id.desc())
-    elif status == "running":
+        return _page(db, query, limit)
+    if before is not None:
+        query = query.where(jobs.c.id < before)
+    if status == "running":
         # Few rows, on the rescue index; ordering by a bare id would walk the primary key.
         query = query.where(jobs.c.status == status).order_by((jobs.c.id + 0).desc())
     else:
         if status is not None:
             query = query.where(jobs.c.status == status)
         query = query.order_by(jobs.c.id.desc())
+    return _page(db, query, limit)
+
+
+def _page(db: Database, query: sa.Select[Any], limit: int) -> list[JobRow]:
     with db.begin(read_only=True) as conn:
         rows = conn.execute(query.limit(limit), execution_options=db.execution_options)
         return [JobRow.from_mapping(r) for r in rows.mappings()]
