@@ -21,7 +21,7 @@ from tasklet.storage import admin
 from tasklet.supervisor import Backoff, StateDir, parse_spec
 from tests.support import REPO, Backend, wait_for
 
-FAST = ["--heartbeat=0.2", "--lost-after=1", "--sweep=0.2", "--grace=5"]
+FAST = ["--heartbeat=0.2", "--lost-after=1", "--sweep=0.2", "--grace=5", "--concurrency=3"]
 
 
 def cli(backend: Backend, *args: str) -> subprocess.CompletedProcess[str]:
@@ -118,6 +118,35 @@ def test_start_runs_the_workers_of_each_queue_and_stop_leaves_no_process(
     assert [pid for pid in [supervisor, *workers] if process_alive(pid)] == []
     assert not state.pidfile.exists()
     assert admin.workers_alive(db, lost_after_s=60)[0] == []  # each worker unregistered
+
+
+@pytest.mark.slow
+def test_workers_get_the_worker_options_given_to_start(
+    sqlite_only: Backend, state: StateDir
+) -> None:
+    db = sqlite_only.configure()
+    start(sqlite_only, state, "email:1")
+
+    wait_for(lambda: len(alive_by_queue(db)) == 1)
+
+    [worker] = admin.workers_alive(db, lost_after_s=1.0)[0]
+    assert (worker.queues, worker.concurrency) == (("email",), 3)
+
+
+@pytest.mark.slow
+def test_workers_stop_by_themselves_when_their_supervisor_is_killed(
+    sqlite_only: Backend, state: StateDir
+) -> None:
+    db = sqlite_only.configure()
+    start(sqlite_only, state, "2")
+    wait_for(lambda: len(alive_by_queue(db)) == 2)
+    workers = list(alive_by_queue(db))
+    supervisor = state.running_pid()
+    assert supervisor is not None
+
+    os.kill(supervisor, signal.SIGKILL)
+
+    wait_for(lambda: not any(process_alive(pid) for pid in workers))
 
 
 @pytest.mark.slow
