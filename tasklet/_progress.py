@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from . import _registry
 from .storage import admin
 from .worker import Worker
 
@@ -56,7 +57,7 @@ def _tally(worker: Worker, began: float) -> Tally:
 def workoff(worker: Worker, *, log_level: str | None) -> int:
     """Run every due job, showing progress on stderr; exit code 0."""
     console = Console(stderr=True)
-    total = admin.jobs_due_count(worker.db, queues=worker.queue_filter)
+    total = admin.jobs_due_count(worker.db, queues=worker.queue_filter, names=_registry.names())
     if console.is_terminal:
         _with_bar(worker, console, total, log_level or "WARNING")
     else:

@@ -70,7 +70,7 @@ def _process_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParse
             help="pidfile, log and lock of the supervisor (default .tasklet)",
         )
         if name != "stop":
-            _worker_arguments(sub)
+            _worker_arguments(sub, queues=False)
 
 
 def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -120,7 +120,7 @@ def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     # `tasklet jobs cancel ID` plugs in here: admin_command(jobs_commands, "cancel", ...).
 
 
-def _worker_arguments(parser: argparse.ArgumentParser) -> None:
+def _worker_arguments(parser: argparse.ArgumentParser, *, queues: bool = True) -> None:
     defaults = WorkerSettings()
     parser.add_argument(
         "-q",
@@ -128,7 +128,10 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         dest="queues",
         metavar="QUEUE",
-        help="take jobs from this queue (repeatable; default: every queue)",
+        # Under a supervisor the queues come from -n; -q is then refused with a message.
+        help="take jobs from this queue (repeatable; default: every queue)"
+        if queues
+        else argparse.SUPPRESS,
     )
     parser.add_argument(
         "-c",

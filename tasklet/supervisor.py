@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .errors import TaskletError
 
@@ -155,7 +155,6 @@ class Supervisor:
     spec: list[tuple[str | None, int]]
     worker_options: list[str]
     grace_s: float
-    output: IO[bytes] | None = None
     backoff: Backoff = field(default_factory=Backoff)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -191,9 +190,7 @@ class Supervisor:
     def _spawn(self, slot: _Slot) -> None:
         slot.process = subprocess.Popen(
             self._command(slot),
-            stdin=subprocess.DEVNULL,
-            stdout=self.output,
-            stderr=subprocess.STDOUT if self.output is not None else None,
+            stdin=subprocess.DEVNULL,  # its output goes where the supervisor's goes
             preexec_fn=_die_with_parent,  # safe: the supervisor runs no other thread
         )
         slot.started = time.monotonic()

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
+from tasklet import storage
 from tasklet._database import Database
+from tasklet.storage import NewJob
 from tests import progress_jobs
 from tests.support import REPO, Backend
 
@@ -100,3 +102,29 @@ def test_workoff_without_a_terminal_logs_plain_lines(db: Database, backend: Back
     assert ", 3 errors" in result.stderr
     assert "━" not in result.stderr
     assert "\x1b[" not in result.stderr
+
+
+def test_workoff_bar_counts_only_the_jobs_this_worker_can_run(
+    db: Database, backend: Backend
+) -> None:
+    progress_jobs.ok.defer_many([{"n": i} for i in range(4)])
+    storage.jobs_insert(
+        db,
+        [
+            NewJob(
+                name="tests.progress.unknown",
+                queue="default",
+                priority=0,
+                max_attempts=1,
+                timeout=None,
+                serializer="json",
+                args={},
+                args_pickle=None,
+            )
+        ],
+    )
+
+    code, screen = on_a_terminal(backend)
+
+    assert code == 0, screen
+    assert "4/4 jobs" in plain(screen)

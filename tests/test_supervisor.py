@@ -223,3 +223,20 @@ def test_start_takes_queues_from_the_spec_not_from_q(sqlite_only: Backend, state
 
     assert result.returncode == 1
     assert "not from -q" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_worker_that_keeps_dying_waits_longer_each_time(
+    sqlite_only: Backend, state: StateDir
+) -> None:
+    result = cli(
+        sqlite_only, "start", "-n", "1", f"--state-dir={state.path}", "--import=tests.no_such"
+    )
+    assert result.returncode == 0, result.stderr
+
+    def delays() -> list[str]:
+        lines = state.logfile.read_text().splitlines()
+        return [line.rpartition("restarting in ")[2] for line in lines if "restarting in" in line]
+
+    wait_for(lambda: len(delays()) >= 3)
+    assert delays()[:3] == ["1.0s", "2.0s", "4.0s"]

@@ -329,13 +329,22 @@ def _retry_batch(
     retried.extend(sorted(done))
 
 
-def jobs_due_count(db: Database, *, queues: Sequence[str] | None) -> int:
-    """Queued jobs due now (of these queues, or all), as a worker draining them would see."""
+def jobs_due_count(db: Database, *, queues: Sequence[str] | None, names: Sequence[str]) -> int:
+    """Queued jobs due now that a worker of these queues and job names would run.
+
+    Jobs of paused queues are left out: no worker starts them until the queue resumes.
+    """
     with db.begin(read_only=True) as conn:
         total = 0
+        paused = sa.select(paused_queues.c.queue)
         for limited in (jobs.c.concurrency_key.is_(None), jobs.c.concurrency_key.is_not(None)):
             query = sa.select(sa.func.count()).where(
-                jobs.c.status == "queued", limited, in_queues(queues), jobs.c.run_at <= now(conn)
+                jobs.c.status == "queued",
+                limited,
+                in_queues(queues),
+                jobs.c.name.in_(names),
+                jobs.c.run_at <= now(conn),
+                jobs.c.queue.not_in(paused.scalar_subquery()),
             )
             total += int(conn.execute(query, execution_options=db.execution_options).scalar_one())
         return total
