@@ -137,7 +137,7 @@ def supervise(args: argparse.Namespace) -> int:
         "started_at": dt.datetime.now(dt.UTC).isoformat(),
     }
     with state.hold(record):
-        return Supervisor(parse_spec(spec), options, grace_s=args.grace).run()
+        return Supervisor(parse_spec(spec), options, grace_s=args.grace, env=_database_env()).run()
 
 
 def _stop(state: StateDir, spec: str | None) -> bool:

@@ -104,7 +104,9 @@ def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     listing.add_argument("-s", "--status", choices=JOB_STATUSES)
     listing.add_argument("-n", "--name", help="the job's name (module.function)")
     listing.add_argument("-l", "--limit", type=int, default=50, help="default 50")
-    listing.add_argument("--before", type=int, metavar="ID", help="the next page: ids below ID")
+    listing.add_argument(
+        "--before", type=int, metavar="ID", help="the page after job ID (given on the page before)"
+    )
     show = admin_command(jobs_commands, "show", "a job's columns, arguments and every attempt")
     show.set_defaults(handler=_admin.jobs_show)
     show.add_argument("id", type=int, metavar="ID")

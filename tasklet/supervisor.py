@@ -155,6 +155,8 @@ class Supervisor:
     spec: list[tuple[str | None, int]]
     worker_options: list[str]
     grace_s: float
+    #: The workers' environment (None: the supervisor's own).
+    env: dict[str, str] | None = None
     backoff: Backoff = field(default_factory=Backoff)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -191,6 +193,7 @@ class Supervisor:
         slot.process = subprocess.Popen(
             self._command(slot),
             stdin=subprocess.DEVNULL,  # its output goes where the supervisor's goes
+            env=self.env,
             preexec_fn=_die_with_parent,  # safe: the supervisor runs no other thread
         )
         slot.started = time.monotonic()

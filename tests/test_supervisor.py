@@ -240,3 +240,63 @@ def test_a_worker_that_keeps_dying_waits_longer_each_time(
 
     wait_for(lambda: len(delays()) >= 3)
     assert delays()[:3] == ["1.0s", "2.0s", "4.0s"]
+
+
+@pytest.mark.slow
+def test_workers_use_the_database_given_to_start_on_its_command_line(
+    sqlite_only: Backend, state: StateDir, tmp_path: Path
+) -> None:
+    db = sqlite_only.configure()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKLET_")}
+    elsewhere = tmp_path / "elsewhere"  # its default, sqlite:///tasklet.db, would be in here
+    elsewhere.mkdir()
+    command = ["--database-url", sqlite_only.url, "start", "-n", "1", f"--state-dir={state.path}"]
+
+    result = subprocess.run(
+        [sys.executable, "-m", "tasklet", *command, *FAST],
+        env=env,
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: len(alive_by_queue(db)) == 1)
+
+
+@pytest.mark.slow
+def test_supervise_runs_in_the_foreground_until_sigterm_with_the_database_given(
+    sqlite_only: Backend, state: StateDir, tmp_path: Path
+) -> None:
+    db = sqlite_only.configure()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKLET_")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    command = [
+        "--database-url",
+        sqlite_only.url,
+        "supervise",
+        "-n",
+        "1",
+        f"--state-dir={state.path}",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tasklet", *command, *FAST],
+        env=env,
+        cwd=elsewhere,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: len(alive_by_queue(db)) == 1)
+        [worker] = alive_by_queue(db)
+
+        process.send_signal(signal.SIGTERM)
+
+        assert process.wait(timeout=30) == 0
+        assert not process_alive(worker)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
