@@ -275,6 +275,8 @@ def jobs_show(db: Database, args: argparse.Namespace) -> int:
             parts.append(Text(run.error, style="red"))
         if run.traceback:
             parts.append(Text(run.traceback.rstrip(), style="dim"))
+        if run.result is not None:
+            parts.append(Text(f"result: {json.dumps(run.result)}"))
         console.print(Group(*parts))
     return 0
 

@@ -281,6 +281,36 @@ def test_jobs_show_prints_the_traceback_of_each_attempt(db: Database, backend: B
     assert "KeyError: 'plan'" in result.stdout
 
 
+def test_jobs_show_prints_the_result_of_a_successful_attempt(
+    db: Database, backend: Backend
+) -> None:
+    [job_id] = add(db)
+    [job] = claim(db)
+    now = storage.utcnow()
+    storage.jobs_finish(
+        db,
+        [
+            Completion(
+                job_id=job.id,
+                lease=job.lease,
+                attempt=job.attempts,
+                worker_id="w-1",
+                status="succeeded",
+                outcome="succeeded",
+                started_at=now,
+                finished_at=now,
+                result={"sent": 3},
+            )
+        ],
+    )
+
+    result = cli(backend, "jobs", "show", str(job_id))
+
+    assert result.returncode == 0, result.stderr
+    assert "attempt 1: succeeded" in result.stdout
+    assert 'result: {"sent": 3}' in result.stdout
+
+
 def test_jobs_show_gives_pickled_arguments_as_opaque(db: Database, backend: Backend) -> None:
     [job_id] = add(db, serializer="pickle", args=None, args_pickle=b"\x80\x05opaque")
 
@@ -437,7 +467,7 @@ def test_workers_prints_a_table_naming_all_queues(db: Database, backend: Backend
     assert "(all)" in result.stdout
 
 
-def test_admin_commands_need_the_tables_and_say_so(empty_backend: Backend, tmp_path: Path) -> None:
+def test_admin_commands_need_the_tables_and_say_so(empty_backend: Backend) -> None:
     result = cli(empty_backend, "status")
 
     assert result.returncode == 1
