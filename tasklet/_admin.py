@@ -216,7 +216,17 @@ def jobs_list(db: Database, args: argparse.Namespace) -> int:
         console.print("No jobs match.")
         return 0
     table = Table(box=box.SIMPLE_HEAD)
-    for column in ("id", "name", "queue", "status", "attempts", "run at", "finished", "last error"):
+    columns = (
+        "id",
+        "name",
+        "queue",
+        "status",
+        "attempts",
+        "run at (UTC)",
+        "finished",
+        "last error",
+    )
+    for column in columns:
         table.add_column(column, justify="right" if column == "id" else "left", overflow="fold")
     for job in page:
         table.add_row(
@@ -253,7 +263,8 @@ def jobs_show(db: Database, args: argparse.Namespace) -> int:
         shown = _when(value) if isinstance(value, dt.datetime) else str(value)
         style = _STATUS_STYLES.get(shown, "") if key == "status" else ""
         fields.add_row(key, Text(shown, style=style))
-    console.print(Panel(fields, title=f"job {job.id}", title_align="left", expand=False))
+    title = f"job {job.id} (times in UTC)"
+    console.print(Panel(fields, title=title, title_align="left", expand=False))
     if job.serializer == "pickle":
         console.print("arguments:", document["args_pickled"])
     else:

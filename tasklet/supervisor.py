@@ -159,9 +159,10 @@ class Supervisor:
     env: dict[str, str] | None = None
     backoff: Backoff = field(default_factory=Backoff)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _slots: list[_Slot] = field(default_factory=list)
 
     def run(self) -> int:
-        slots = [_Slot(q, i + 1) for q, count in self.spec for i in range(count)]
+        slots = self._slots = [_Slot(q, i + 1) for q, count in self.spec for i in range(count)]
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         log.info(
@@ -182,8 +183,16 @@ class Supervisor:
         return 0
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        log.info("%s: stopping the workers", signal.Signals(signum).name)
-        self._stop.set()
+        if not self._stop.is_set():
+            log.info("%s: stopping the workers", signal.Signals(signum).name)
+            self._stop.set()
+            return
+        # A second signal, as for a worker: stop now, running jobs go back to the queue.
+        log.warning("%s again: the workers stop now", signal.Signals(signum).name)
+        for slot in self._slots:
+            if slot.process is not None and slot.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    slot.process.send_signal(signal.SIGTERM)
 
     def _command(self, slot: _Slot) -> list[str]:
         queues = [] if slot.queue is None else ["--queue", slot.queue]

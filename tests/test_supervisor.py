@@ -19,7 +19,8 @@ from tasklet._start import process_alive
 from tasklet.errors import TaskletError
 from tasklet.storage import admin
 from tasklet.supervisor import Backoff, StateDir, parse_spec
-from tests.support import REPO, Backend, wait_for
+from tests import worker_jobs
+from tests.support import REPO, Backend, Log, get_row, wait_for
 
 FAST = ["--heartbeat=0.2", "--lost-after=1", "--sweep=0.2", "--grace=5", "--concurrency=3"]
 
@@ -296,6 +297,39 @@ def test_supervise_runs_in_the_foreground_until_sigterm_with_the_database_given(
 
         assert process.wait(timeout=30) == 0
         assert not process_alive(worker)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_stops_the_workers_at_once_and_their_jobs_go_back(
+    sqlite_only: Backend, state: StateDir, tmp_path: Path
+) -> None:
+    db = sqlite_only.configure()
+    runs = Log(tmp_path / "runs.log")
+    handle = worker_jobs.nap.defer(first_run_s=60.0)
+    output = tmp_path / "supervise.out"
+    env = {**sqlite_only.env, "TASKLET_TEST_LOG": str(runs.path)}
+    command = ["supervise", "-n", "work:1", f"--state-dir={state.path}", *FAST, "--grace=60"]
+    with open(output, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tasklet", *command, "--import=tests.worker_jobs"],
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: runs.lines("start") != [])
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "running jobs have 60s to finish" in output.read_text())
+
+        process.send_signal(signal.SIGTERM)
+
+        assert process.wait(timeout=20) == 0
+        assert get_row(db, handle.id).status == "queued"
     finally:
         if process.poll() is None:
             process.kill()
