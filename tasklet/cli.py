@@ -13,9 +13,20 @@ from alembic.util import CommandError
 from sqlalchemy import exc
 from sqlalchemy.engine import make_url
 
-from . import _config, _discovery, _queues, migrations, storage
+from . import (
+    _admin,
+    _config,
+    _discovery,
+    _progress,
+    _queues,
+    _start,
+    migrations,
+    storage,
+    supervisor,
+)
 from ._database import Database
 from .errors import TaskletError
+from .schema import JOB_STATUSES
 from .worker import Worker, WorkerSettings
 
 
@@ -48,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     clear.add_argument("-q", "--queue", action="append", dest="queues", metavar="QUEUE")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     _queue_arguments(commands)
+    _admin_parsers(commands)
+    _process_parsers(commands)
     return parser
 
 
@@ -63,7 +76,76 @@ def _queue_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParse
     actions.add_parser("list", help="queues with queued or running jobs, and paused queues")
 
 
-def _worker_arguments(parser: argparse.ArgumentParser) -> None:
+def _process_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``start``, ``stop``, ``restart`` and ``supervise``: worker processes under a supervisor."""
+    for name, text in (
+        ("start", "start worker processes in the background, restarted if they die"),
+        ("restart", "stop, then start (the same workers unless -n says otherwise)"),
+        ("supervise", "run worker processes in the foreground, restarted if they die"),
+        ("stop", "stop the workers that `tasklet start` started, gracefully"),
+    ):
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.set_defaults(process_command=getattr(_start, name))
+        sub.add_argument("-n", "--workers", metavar="SPEC", help=supervisor.SPEC_HELP)
+        sub.add_argument(
+            "--state-dir",
+            default=".tasklet",
+            help="pidfile, log and lock of the supervisor (default .tasklet)",
+        )
+        if name != "stop":
+            _worker_arguments(sub, queues=False)
+
+
+def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``status``, ``jobs ...``, ``workers``: each sets ``handler(db, args) -> exit code``."""
+    lost_after = WorkerSettings().lost_after_s
+
+    def admin_command(
+        group: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str
+    ) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=text, description=text)
+        sub.add_argument("--json", action="store_true", help="one JSON document on stdout")
+        return sub
+
+    status = admin_command(commands, "status", "jobs per queue and state, paused queues, workers")
+    status.set_defaults(handler=_admin.status)
+    workers = admin_command(commands, "workers", "alive workers: queues, concurrency, heartbeat")
+    workers.set_defaults(handler=_admin.workers)
+    for sub in (status, workers):
+        sub.add_argument(
+            "--lost-after",
+            type=float,
+            default=lost_after,
+            help=f"a worker silent this long is not alive (default {lost_after:g})",
+        )
+
+    jobs = commands.add_parser("jobs", help="list, show and retry jobs")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="COMMAND")
+    listing = admin_command(jobs_commands, "list", "jobs, newest first")
+    listing.set_defaults(handler=_admin.jobs_list)
+    listing.add_argument("-q", "--queue")
+    listing.add_argument("-s", "--status", choices=JOB_STATUSES)
+    listing.add_argument("-n", "--name", help="the job's name (module.function)")
+    listing.add_argument("-l", "--limit", type=int, default=50, help="default 50")
+    listing.add_argument(
+        "--before", type=int, metavar="ID", help="the page after job ID (given on the page before)"
+    )
+    show = admin_command(jobs_commands, "show", "a job's columns, arguments and every attempt")
+    show.set_defaults(handler=_admin.jobs_show)
+    show.add_argument("id", type=int, metavar="ID")
+    retry = admin_command(
+        jobs_commands, "retry", "put failed (or cancelled) jobs back in their queue, due now"
+    )
+    retry.set_defaults(handler=_admin.jobs_retry)
+    retry.add_argument("id", type=int, nargs="?", metavar="ID")
+    retry.add_argument("--all-failed", action="store_true", help="every failed job")
+    retry.add_argument(
+        "-q", "--queue", action="append", metavar="QUEUE", help="with --all-failed (repeatable)"
+    )
+    # `tasklet jobs cancel ID` plugs in here: admin_command(jobs_commands, "cancel", ...).
+
+
+def _worker_arguments(parser: argparse.ArgumentParser, *, queues: bool = True) -> None:
     defaults = WorkerSettings()
     parser.add_argument(
         "-q",
@@ -71,7 +153,10 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         dest="queues",
         metavar="QUEUE",
-        help="take jobs from this queue (repeatable; default: every queue)",
+        # Under a supervisor the queues come from -n; -q is then refused with a message.
+        help="take jobs from this queue (repeatable; default: every queue)"
+        if queues
+        else argparse.SUPPRESS,
     )
     parser.add_argument(
         "-c",
@@ -110,7 +195,9 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a worker silent this long is dead (default {defaults.lost_after_s:g})",
     )
     timing.add_argument("--sweep", type=float, default=defaults.sweep_s)
-    parser.add_argument("--log-level", default="INFO", help="default INFO")
+    parser.add_argument(
+        "--log-level", help="default INFO (WARNING under workoff's progress bar on a terminal)"
+    )
     parser.add_argument(
         "--metrics-port",
         type=int,
@@ -126,10 +213,8 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_worker(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if args.command == "worker":
+        logging.basicConfig(level=(args.log_level or "INFO").upper(), format=_progress.LOG_FORMAT)
     directory = Path.cwd()
     _discovery.import_modules(_discovery.configured_modules(directory, args.imports), directory)
     settings = WorkerSettings(
@@ -152,7 +237,9 @@ def _run_worker(args: argparse.Namespace) -> int:
             "metrics on http://%s:%d/metrics", args.metrics_host, port
         )
     try:
-        worker.run_sync(drain=args.command == "workoff", handle_signals=True)
+        if args.command == "workoff":
+            return _progress.workoff(worker, log_level=args.log_level)
+        worker.run_sync(handle_signals=True)
     finally:
         if metrics is not None:
             metrics.close()
@@ -275,6 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "queue": _queue,
     }
     try:
+        handler = getattr(args, "handler", None)
+        if handler is not None:
+            return int(handler(_open_database(), args))
+        process_command = getattr(args, "process_command", None)
+        if process_command is not None:
+            return int(process_command(args))
         return commands[args.command](args)
     except (TaskletError, CommandError, exc.DBAPIError) as error:
         print(f"tasklet: {_error_message(error)}", file=sys.stderr)
