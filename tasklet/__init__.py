@@ -21,6 +21,7 @@ from .errors import (
 from .hooks import after_failure, after_success, before_perform
 from .migrations import downgrade, upgrade
 from .queries import JobRow, RunRow, get_job, get_runs
+from .retention import Retention, prune, prune_async
 from .retry import Abort, Retry
 from .schema import metadata
 from .worker import Worker, WorkerSettings
@@ -35,6 +36,7 @@ __all__ = [
     "JobHandle",
     "JobRow",
     "PayloadTooLargeError",
+    "Retention",
     "Retry",
     "RunRow",
     "SchemaMissingError",
@@ -52,5 +54,7 @@ __all__ = [
     "get_runs",
     "job",
     "metadata",
+    "prune",
+    "prune_async",
     "upgrade",
 ]

@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import storage
+from .retention import Pruner
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -35,9 +36,19 @@ class Lifeline(threading.Thread):
         super().__init__(name="tasklet-lifeline", daemon=True)
         self._worker = worker
         self._stop_event = threading.Event()
+        retention = worker.settings.retention
+        #: Retention has a thread of its own, so that it never delays a heartbeat.
+        self.pruner = None if retention.every is None else Pruner(worker.db, retention)
+
+    def start(self) -> None:
+        super().start()
+        if self.pruner is not None:
+            self.pruner.start()
 
     def stop(self) -> None:
         self._stop_event.set()
+        if self.pruner is not None:
+            self.pruner.stop()
 
     def run(self) -> None:
         settings = self._worker.settings

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime as dt
 import logging
 import sys
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from sqlalchemy.engine import make_url
 from . import _config, _discovery, migrations, storage
 from ._database import Database
 from .errors import TaskletError
+from .retention import Retention, parse_duration, prune_database
 from .worker import Worker, WorkerSettings
 
 
@@ -47,7 +50,67 @@ def _parser() -> argparse.ArgumentParser:
     clear = commands.add_parser("clear", help="delete queued jobs (running and finished ones stay)")
     clear.add_argument("-q", "--queue", action="append", dest="queues", metavar="QUEUE")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    prune = commands.add_parser(
+        "prune",
+        help="delete finished jobs older than their retention period, with their runs",
+        description="Delete finished jobs older than their retention period, with their runs "
+        "(workers also do this by themselves every minute).",
+    )
+    _retention_arguments(prune)
+    prune.add_argument(
+        "--batch-size",
+        type=int,
+        default=Retention().batch_size,
+        help=f"jobs deleted per statement (default {Retention().batch_size})",
+    )
     return parser
+
+
+def _duration(text: str) -> dt.timedelta | None:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _show(period: dt.timedelta | None) -> str:
+    if period is None:
+        return "forever"
+    seconds = period.total_seconds()
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _retention_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Retention()
+    group = parser.add_argument_group(
+        "retention (durations such as 30s, 15m, 12h, 1d, 2w, or 'forever')"
+    )
+    for status, text in (
+        ("succeeded", "succeeded jobs"),
+        ("failed", "failed jobs"),
+        ("cancelled", "cancelled jobs"),
+    ):
+        group.add_argument(
+            f"--keep-{status}",
+            type=_duration,
+            default=getattr(defaults, status),
+            metavar="DURATION",
+            help=f"keep {text} this long (default {_show(getattr(defaults, status))})",
+        )
+
+
+def _retention(args: argparse.Namespace, **changes: object) -> Retention:
+    return dataclasses.replace(
+        Retention(),
+        succeeded=args.keep_succeeded,
+        failed=args.keep_failed,
+        cancelled=args.keep_cancelled,
+        **changes,
+    )
 
 
 def _worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +160,15 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a worker silent this long is dead (default {defaults.lost_after_s:g})",
     )
     timing.add_argument("--sweep", type=float, default=defaults.sweep_s)
+    _retention_arguments(parser)
+    parser.add_argument(
+        "--prune-every",
+        type=_duration,
+        default=defaults.retention.every,
+        metavar="DURATION",
+        help="how often this worker deletes finished jobs past their retention "
+        f"('never': leave it to `tasklet prune`; default {_show(defaults.retention.every)})",
+    )
     parser.add_argument("--log-level", default="INFO", help="default INFO")
 
 
@@ -115,6 +187,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         heartbeat_s=args.heartbeat,
         lost_after_s=args.lost_after,
         sweep_s=args.sweep,
+        retention=_retention(args, every=args.prune_every),
     )
     worker = Worker(settings, database=_open_database())
     worker.run_sync(drain=args.command == "workoff", handle_signals=True)
@@ -134,6 +207,23 @@ def _clear(args: argparse.Namespace) -> int:
             return 1
     deleted = storage.jobs_clear(db, queues=queues)
     print(f"tasklet: deleted {deleted} queued jobs")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise TaskletError(f"--batch-size must be at least 1, not {args.batch_size}")
+    retention = _retention(args, batch_size=args.batch_size)
+    deleted = prune_database(_open_database(), retention)
+    parts = []
+    for status, period in retention.periods().items():
+        if period is None:
+            parts.append(f"{status} kept forever")
+        else:
+            parts.append(f"{deleted[status]} {status} (older than {_show(period)})")
+    print(
+        f"tasklet: deleted {sum(deleted.values())} finished jobs and their runs: {', '.join(parts)}"
+    )
     return 0
 
 
@@ -204,7 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configured = args.database_url is not None or args.schema is not None
     if configured:
         _config.configure(args.database_url, schema=args.schema)
-    commands = {"migrate": _migrate, "worker": _run_worker, "workoff": _run_worker, "clear": _clear}
+    commands = {
+        "migrate": _migrate,
+        "worker": _run_worker,
+        "workoff": _run_worker,
+        "clear": _clear,
+        "prune": _prune,
+    }
     try:
         return commands[args.command](args)
     except (TaskletError, CommandError, exc.DBAPIError) as error:

@@ -36,6 +36,7 @@ from ._database import Database
 from ._executor import Attempt, Executor, Outcome
 from ._lifeline import Lifeline
 from .errors import TaskletError
+from .retention import Retention
 
 __all__ = ["Worker", "WorkerSettings"]
 
@@ -78,6 +79,8 @@ class WorkerSettings:
     #: Finished attempts are written together: at most this many, after at most this long.
     flush_max: int = 500
     flush_window_s: float = 0.002
+    #: How long finished jobs are kept; every worker prunes older ones (see tasklet.retention).
+    retention: Retention = field(default_factory=Retention)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
