@@ -21,6 +21,7 @@ from .errors import (
 from .hooks import after_failure, after_success, before_perform
 from .migrations import downgrade, upgrade
 from .queries import JobRow, RunRow, get_job, get_runs
+from .results import JobCancelled, JobFailed, JobNotFound, handle
 from .retention import Retention, prune, prune_async
 from .retry import Abort, Retry
 from .schema import metadata
@@ -31,9 +32,12 @@ __all__ = [
     "DatabaseUnavailableError",
     "Deferrer",
     "Job",
+    "JobCancelled",
     "JobContext",
     "JobDefinitionError",
+    "JobFailed",
     "JobHandle",
+    "JobNotFound",
     "JobRow",
     "PayloadTooLargeError",
     "Retention",
@@ -52,6 +56,7 @@ __all__ = [
     "downgrade",
     "get_job",
     "get_runs",
+    "handle",
     "job",
     "metadata",
     "prune",

@@ -49,6 +49,8 @@ class Lifeline(threading.Thread):
         self._stop_event.set()
         if self.pruner is not None:
             self.pruner.stop()
+            # It stops between batches: wait for that, so no statement outlives the worker.
+            self.pruner.join(timeout=5.0)
 
     def run(self) -> None:
         settings = self._worker.settings

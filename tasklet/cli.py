@@ -9,6 +9,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.util import CommandError
@@ -103,7 +104,7 @@ def _retention_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def _retention(args: argparse.Namespace, **changes: object) -> Retention:
+def _retention(args: argparse.Namespace, **changes: Any) -> Retention:
     return dataclasses.replace(
         Retention(),
         succeeded=args.keep_succeeded,

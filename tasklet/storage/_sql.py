@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -185,7 +186,7 @@ updated AS (
            last_error = g.error
       FROM given AS g
      WHERE j.id = g.job_id AND j.lease = g.lease AND j.status = 'running'
-    RETURNING j.id
+    RETURNING j.id, j.status
 ),
 recorded AS (
     INSERT INTO {job_runs}
@@ -194,8 +195,16 @@ recorded AS (
            g.error, g.traceback, g.result
       FROM given AS g JOIN updated AS u ON u.id = g.job_id
      WHERE g.record
+),
+-- One NOTIFY per batch, only when it has finished jobs, for result() waiters (tasklet.results).
+-- A payload over PostgreSQL's 8000-byte limit would fail the finish: send '' ("look at all").
+done AS (
+    SELECT pg_notify({done_channel}, CASE WHEN length(ids) < 7900 THEN ids ELSE '' END)
+      FROM (SELECT string_agg(id::text, ',') AS ids FROM updated
+             WHERE status IN ('succeeded', 'failed', 'cancelled')) AS t
+     WHERE ids IS NOT NULL
 )
-SELECT id FROM updated
+SELECT id FROM updated WHERE (SELECT count(*) FROM done) >= 0
 """
 
 
@@ -206,9 +215,21 @@ def pg_claim_sql(schema: str | None, all_queues: bool) -> str:
     return _PG_CLAIM.format(queues_cte=queues_cte, jobs=jobs_table)
 
 
+def done_channel(schema: str | None) -> str:
+    """The channel finishes notify with the ids of jobs that reached a final state."""
+    channel = "tasklet_done" if schema is None else f"tasklet_{schema}_done"
+    if schema is not None and len(channel) > 63:  # PostgreSQL's limit for channel names
+        channel = f"tasklet_done_{hashlib.sha1(schema.encode()).hexdigest()[:16]}"
+    return channel
+
+
 @functools.lru_cache(maxsize=64)
 def pg_finish_sql(schema: str | None) -> str:
-    return _PG_FINISH.format(jobs=table(schema, "jobs"), job_runs=table(schema, "job_runs"))
+    return _PG_FINISH.format(
+        jobs=table(schema, "jobs"),
+        job_runs=table(schema, "job_runs"),
+        done_channel=f"'{done_channel(schema)}'",  # schema is a checked identifier
+    )
 
 
 # SQLite's worker statements, with the lists and the batch as JSON (JSON1).
