@@ -19,6 +19,7 @@ from .errors import (
     TaskletError,
 )
 from .hooks import after_failure, after_success, before_perform
+from .lifespan import WorkerStartupError, worker_lifespan
 from .migrations import downgrade, upgrade
 from .queries import JobRow, RunRow, get_job, get_runs
 from .results import JobCancelled, JobFailed, JobNotFound, handle
@@ -49,6 +50,7 @@ __all__ = [
     "TaskletError",
     "Worker",
     "WorkerSettings",
+    "WorkerStartupError",
     "after_failure",
     "after_success",
     "before_perform",
@@ -62,4 +64,5 @@ __all__ = [
     "prune",
     "prune_async",
     "upgrade",
+    "worker_lifespan",
 ]

@@ -36,6 +36,7 @@ from ._database import Database
 from ._executor import Attempt, Executor, Outcome
 from ._lifeline import Lifeline
 from .errors import TaskletError
+from .lifespan import worker_state
 from .retention import Retention
 
 __all__ = ["Worker", "WorkerSettings"]
@@ -223,6 +224,11 @@ class Worker:
         """
         self._loop = asyncio.get_running_loop()
         self.job_names = _registry.names()
+        # Worker state opens before the worker registers, and closes after its last job.
+        async with worker_state(self.id):
+            return await self._run(drain)
+
+    async def _run(self, drain: bool) -> WorkerStats:
         db = self.db
         await anyio.to_thread.run_sync(self.register)
         lifeline = Lifeline(self)
