@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -16,7 +19,16 @@ from tasklet.schema import job_runs, jobs
 from tasklet.storage._sql import stamp
 from tasklet.storage.retention import jobs_prune
 from tasklet.worker import WorkerSettings
-from tests.support import BackgroundWorker, count_jobs, wait_for
+from tests.support import (
+    REPO,
+    Backend,
+    BackgroundWorker,
+    Log,
+    count_jobs,
+    finish,
+    tasklet_process,
+    wait_for,
+)
 
 DAY = 86400.0
 
@@ -239,3 +251,73 @@ def test_retention_refuses_periods_that_are_not_positive() -> None:
         Retention(succeeded=dt.timedelta(0))
     with pytest.raises(ValueError, match="at least 1"):
         Retention(batch_size=0)
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def tasklet_cli(backend: Backend, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "tasklet", *args]
+    return subprocess.run(
+        command, env=backend.env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.slow
+def test_prune_command_deletes_by_the_default_periods_and_says_what_it_deleted(
+    backend: Backend, db: Database
+) -> None:
+    add_jobs(db, "succeeded", age_s=2 * DAY, n=2)
+    add_jobs(db, "failed", age_s=8 * DAY)
+    kept = add_jobs(db, "failed", age_s=2 * DAY) + add_jobs(db, "queued", age_s=None)
+
+    result = tasklet_cli(backend, "prune")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "tasklet: deleted 3 finished jobs and their runs: 2 succeeded (older than 1d), "
+        "1 failed (older than 1w), 0 cancelled (older than 1w)\n"
+    )
+    assert remaining(db) == set(kept)
+
+
+@pytest.mark.slow
+def test_prune_command_takes_other_periods(backend: Backend, db: Database) -> None:
+    add_jobs(db, "succeeded", age_s=2 * 3600)
+    kept = add_jobs(db, "failed", age_s=30 * DAY)
+
+    result = tasklet_cli(backend, "prune", "--keep-succeeded", "1h", "--keep-failed", "forever")
+
+    assert result.returncode == 0, result.stderr
+    assert "1 succeeded (older than 1h)" in result.stdout
+    assert "failed kept forever" in result.stdout
+    assert remaining(db) == set(kept)
+
+
+@pytest.mark.slow
+def test_a_period_that_does_not_parse_is_refused_before_anything_is_deleted(
+    backend: Backend, db: Database
+) -> None:
+    kept = add_jobs(db, "succeeded", age_s=2 * DAY)
+
+    result = tasklet_cli(backend, "prune", "--keep-succeeded", "1 year")
+
+    assert result.returncode == 2
+    assert "--keep-succeeded: '1 year' is not a duration" in result.stderr
+    assert remaining(db) == set(kept)
+
+
+@pytest.mark.slow
+def test_worker_command_prunes_with_the_periods_it_is_given(
+    backend: Backend, db: Database, log: Log, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    old = add_jobs(db, "succeeded", age_s=2 * 3600)
+    kept = add_jobs(db, "succeeded", age_s=60)
+
+    worker = tasklet_process(backend, log, "worker", "--keep-succeeded", "1h")
+    processes.append(worker)
+    wait_for(lambda: remaining(db) == set(kept), timeout=30)
+    worker.send_signal(signal.SIGTERM)
+
+    assert finish(worker)[0] == 0
+    assert not set(old) & remaining(db, job_runs)
