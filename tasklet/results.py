@@ -33,7 +33,7 @@ from . import _codec, _config, _wakeup
 from ._database import Database
 from .errors import TaskletError
 from .schema import TERMINAL_STATUSES
-from .storage._sql import done_channel
+from .storage._sql import done_channel, done_listener
 from .storage.outcomes import JobOutcome, job_outcome, jobs_finished, pg_jobs_finished
 
 if TYPE_CHECKING:
@@ -261,7 +261,10 @@ class _Watcher:
         while True:
             try:
                 with psycopg.connect(
-                    self.db.conninfo, autocommit=True, application_name="tasklet-results"
+                    # Finishes notify only while a connection of this name is there.
+                    self.db.conninfo,
+                    autocommit=True,
+                    application_name=done_listener(self.db.schema),
                 ) as conn:
                     conn.execute(f'LISTEN "{channel}"')
                     self.ready.set()

@@ -17,9 +17,9 @@ import tasklet
 from tasklet import JobCancelled, JobFailed, JobNotFound, job, results, storage
 from tasklet._database import Database
 from tasklet.schema import jobs
-from tasklet.storage._sql import done_channel, stamp
+from tasklet.storage._sql import done_channel, done_listener, stamp
 from tasklet.worker import WorkerSettings
-from tests.support import REPO, Backend, BackgroundWorker
+from tests.support import REPO, Backend, BackgroundWorker, get_row
 
 FAST = WorkerSettings(concurrency=8, heartbeat_s=0.2, lost_after_s=1.0, sweep_s=0.2, grace_s=5)
 
@@ -241,11 +241,12 @@ def _completion(row: storage.ClaimedJob, status: str) -> storage.Completion:
     )  # fmt: skip
 
 
-def _notifications(db: Database, action: Any) -> list[str]:
+def _notifications(db: Database, action: Any, *, waiting: bool = True) -> list[str]:
+    """What a listener hears while ``action`` runs; ``waiting``: it is named as a watcher."""
     import psycopg
 
-    storage.worker_register(db, worker_id="w", host="h", pid=1, queues=[], concurrency=1)
-    with psycopg.connect(db.conninfo, autocommit=True) as conn:
+    name = done_listener(db.schema) if waiting else "someone else"
+    with psycopg.connect(db.conninfo, autocommit=True, application_name=name) as conn:
         conn.execute(f'LISTEN "{done_channel(db.schema)}"')
         action()
         return [n.payload for n in conn.notifies(timeout=0.5)]
@@ -274,3 +275,13 @@ def test_a_batch_too_large_for_one_payload_notifies_without_ids(pg_db: Database)
     batch = [_completion(r, "succeeded") for r in rows]
 
     assert _notifications(pg_db, lambda: storage.jobs_finish(pg_db, batch)) == [""]
+
+
+def test_finishes_send_no_notification_while_no_process_waits(pg_db: Database) -> None:
+    rows = _claimed(pg_db, 2)
+    batch = [_completion(r, "succeeded") for r in rows]
+
+    heard = _notifications(pg_db, lambda: storage.jobs_finish(pg_db, batch), waiting=False)
+
+    assert heard == []
+    assert {get_row(pg_db, r.id).status for r in rows} == {"succeeded"}

@@ -196,13 +196,16 @@ recorded AS (
       FROM given AS g JOIN updated AS u ON u.id = g.job_id
      WHERE g.record
 ),
--- One NOTIFY per batch, only when it has finished jobs, for result() waiters (tasklet.results).
+-- For result() waiters (tasklet.results): one NOTIFY per batch that finished jobs, and only
+-- while a process waits (its listener is connected), since a NOTIFY serializes commits.
 -- A payload over PostgreSQL's 8000-byte limit would fail the finish: send '' ("look at all").
 done AS (
     SELECT pg_notify({done_channel}, CASE WHEN length(ids) < 7900 THEN ids ELSE '' END)
       FROM (SELECT string_agg(id::text, ',') AS ids FROM updated
              WHERE status IN ('succeeded', 'failed', 'cancelled')) AS t
      WHERE ids IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pg_stat_activity
+                    WHERE application_name = {listener} AND datname = current_database())
 )
 SELECT id FROM updated WHERE (SELECT count(*) FROM done) >= 0
 """
@@ -223,12 +226,19 @@ def done_channel(schema: str | None) -> str:
     return channel
 
 
+def done_listener(schema: str | None) -> str:
+    """The application_name of a connection LISTENing on :func:`done_channel`."""
+    return f"tasklet-results {done_channel(schema)}"[:63]
+
+
 @functools.lru_cache(maxsize=64)
 def pg_finish_sql(schema: str | None) -> str:
     return _PG_FINISH.format(
         jobs=table(schema, "jobs"),
         job_runs=table(schema, "job_runs"),
-        done_channel=f"'{done_channel(schema)}'",  # schema is a checked identifier
+        # The schema is a checked identifier: both are safe to inline.
+        done_channel=f"'{done_channel(schema)}'",
+        listener=f"'{done_listener(schema)}'",
     )
 
 
