@@ -49,8 +49,11 @@ class Lifeline(threading.Thread):
         self._stop_event.set()
         if self.pruner is not None:
             self.pruner.stop()
-            # It stops between batches: wait for that, so no statement outlives the worker.
+        # Both stop between statements: wait for that, so none outlives the worker.
+        if self.pruner is not None and self.pruner.is_alive():
             self.pruner.join(timeout=5.0)
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=2.0)
 
     def run(self) -> None:
         settings = self._worker.settings

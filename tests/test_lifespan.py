@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 import tasklet
 from tasklet import JobContext, job, lifespan, storage
 from tasklet._database import Database
+from tasklet.schema import workers
 from tasklet.worker import Worker, WorkerSettings
 from tests.support import Backend, BackgroundWorker, Log, finish, tasklet_process
 
@@ -124,6 +126,23 @@ def test_lifespans_open_in_order_and_close_in_reverse_after_the_last_job(db: Dat
         "close second",
         "close first",
     ]
+
+
+def test_state_opens_before_the_worker_registers(db: Database) -> None:
+    registered_at_startup: list[int] = []
+
+    @tasklet.worker_lifespan
+    def resources() -> Iterator[None]:
+        with db.begin(read_only=True) as conn:
+            count = sa.select(sa.func.count()).select_from(workers)
+            registered_at_startup.append(
+                conn.execute(count, execution_options=db.execution_options).scalar_one()
+            )
+        yield None
+
+    drain()
+
+    assert registered_at_startup == [0]
 
 
 def test_a_lifespan_that_fails_to_start_stops_the_worker_before_any_job(

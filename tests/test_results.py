@@ -285,3 +285,68 @@ def test_finishes_send_no_notification_while_no_process_waits(pg_db: Database) -
 
     assert heard == []
     assert {get_row(pg_db, r.id).status for r in rows} == {"succeeded"}
+
+
+def test_a_job_deleted_while_awaited_raises_job_not_found(db: Database) -> None:
+    @job(name="res.doomed")
+    def doomed() -> None: ...
+
+    handle = doomed.defer()
+    failure: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            handle.result(timeout=20, poll_s=0.05)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    storage.jobs_clear(db, queues=None)
+    thread.join(20)
+
+    assert len(failure) == 1 and isinstance(failure[0], JobNotFound)
+
+
+@pytest.mark.anyio
+async def test_many_async_waiters_on_one_loop_get_their_results(db: Database) -> None:
+    import asyncio
+
+    @job(name="res.double")
+    async def double(n: int) -> int:
+        return 2 * n
+
+    handles = await double.defer_many_async([{"n": n} for n in range(30)])
+    with BackgroundWorker(FAST):
+        values = await asyncio.gather(*(h.result_async(timeout=20) for h in handles))
+
+    assert values == [2 * n for n in range(30)]
+
+
+def test_the_listener_reconnects_and_still_wakes_waiters(pg_db: Database) -> None:
+    release = threading.Event()
+
+    @job(name="res.after_reconnect")
+    def gated() -> str:
+        assert release.wait(20)
+        return "done"
+
+    handle = gated.defer()
+    outcome: list[Any] = []
+    waiter = threading.Thread(target=lambda: outcome.append(handle.result(20, poll_s=600)))
+    with BackgroundWorker(FAST):
+        waiter.start()
+        assert results.watcher_ready(pg_db, 10)
+        with pg_db.engine.begin() as conn:
+            killed = conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = :name"
+                ),
+                {"name": done_listener(pg_db.schema)},
+            ).all()
+        assert killed == [(True,)]
+        release.set()
+        waiter.join(20)
+
+    assert outcome == ["done"]
