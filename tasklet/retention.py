@@ -15,6 +15,7 @@ import datetime as dt
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,8 @@ __all__ = ["Retention", "parse_duration", "prune", "prune_async"]
 
 log = logging.getLogger("tasklet.worker")
 
-#: Between two batches: lets claims and finishes take the write lock (SQLite) in between.
+#: The least pause between two batches. A pause is at least as long as the batch took, so
+#: pruning a backlog takes at most half of the database's time (SQLite's write lock).
 BATCH_PAUSE_S = 0.01
 
 
@@ -78,6 +80,7 @@ def prune_database(
         if period is None:
             continue
         while not stopped():
+            began = time.monotonic()
             count = jobs_prune(
                 db,
                 status=status,
@@ -87,7 +90,7 @@ def prune_database(
             deleted[status] += count
             if count < retention.batch_size:
                 break
-            pause.wait(BATCH_PAUSE_S)
+            pause.wait(max(BATCH_PAUSE_S, time.monotonic() - began))
     return deleted
 
 
