@@ -20,8 +20,11 @@ from .errors import (
     TaskletError,
 )
 from .hooks import after_failure, after_success, before_perform
+from .lifespan import WorkerStartupError, worker_lifespan
 from .migrations import downgrade, upgrade
 from .queries import JobRow, RunRow, get_job, get_runs
+from .results import JobCancelled, JobFailed, JobNotFound, handle
+from .retention import Retention, prune, prune_async
 from .retry import Abort, Retry
 from .schema import metadata
 from .worker import Worker, WorkerSettings
@@ -31,11 +34,15 @@ __all__ = [
     "DatabaseUnavailableError",
     "Deferrer",
     "Job",
+    "JobCancelled",
     "JobContext",
     "JobDefinitionError",
+    "JobFailed",
     "JobHandle",
+    "JobNotFound",
     "JobRow",
     "PayloadTooLargeError",
+    "Retention",
     "Retry",
     "RunRow",
     "SchemaMissingError",
@@ -44,6 +51,7 @@ __all__ = [
     "TaskletError",
     "Worker",
     "WorkerSettings",
+    "WorkerStartupError",
     "after_failure",
     "after_success",
     "before_perform",
@@ -51,10 +59,14 @@ __all__ = [
     "downgrade",
     "get_job",
     "get_runs",
+    "handle",
     "job",
     "metadata",
     "pause_queue",
     "paused_queues",
+    "prune",
+    "prune_async",
     "resume_queue",
     "upgrade",
+    "worker_lifespan",
 ]

@@ -27,10 +27,33 @@ ConnectionLike: TypeAlias = "Connection | Session | AsyncConnection | AsyncSessi
 
 @dataclass(frozen=True, slots=True)
 class JobHandle:
-    """What ``.defer()`` returns: ``id`` is the job's row id in ``jobs``."""
+    """What ``.defer()`` returns: ``id`` is the job's row id in ``jobs``.
+
+    ``tasklet.handle(id)`` rebuilds the handle of an existing job.
+    """
 
     id: int
     name: str
+
+    def result(self, timeout: float | None = None, *, poll_s: float = 1.0) -> Any:
+        """Wait for the job to finish and return what it returned (decoded as arguments are).
+
+        Raises ``tasklet.JobFailed`` (with the last error and traceback) once the
+        job has failed for good, not while attempts remain; ``tasklet.JobCancelled``
+        if it was cancelled; ``TimeoutError`` after ``timeout`` seconds (None:
+        wait as long as it takes). On PostgreSQL a notification wakes the wait
+        as the job finishes; ``poll_s`` is the safety-net poll. A return value
+        JSON cannot carry was stored as null and comes back as None.
+        """
+        from . import results
+
+        return results.wait(self.id, timeout, poll_s)
+
+    async def result_async(self, timeout: float | None = None, *, poll_s: float = 1.0) -> Any:
+        """:meth:`result` without blocking the event loop."""
+        from . import results
+
+        return await results.wait_async(self.id, timeout, poll_s)
 
 
 @dataclass(frozen=True, slots=True)

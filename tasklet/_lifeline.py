@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import storage
+from .retention import Pruner
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -35,9 +36,24 @@ class Lifeline(threading.Thread):
         super().__init__(name="tasklet-lifeline", daemon=True)
         self._worker = worker
         self._stop_event = threading.Event()
+        retention = worker.settings.retention
+        #: Retention has a thread of its own, so that it never delays a heartbeat.
+        self.pruner = None if retention.every is None else Pruner(worker.db, retention)
+
+    def start(self) -> None:
+        super().start()
+        if self.pruner is not None:
+            self.pruner.start()
 
     def stop(self) -> None:
         self._stop_event.set()
+        if self.pruner is not None:
+            self.pruner.stop()
+        # Both stop between statements: wait for that, so none outlives the worker.
+        if self.pruner is not None and self.pruner.is_alive():
+            self.pruner.join(timeout=5.0)
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=2.0)
 
     def run(self) -> None:
         settings = self._worker.settings

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import _config
 from .errors import TaskletError
+from .retention import format_duration
 from .supervisor import StateDir, Supervisor, format_spec, parse_spec
 
 #: How long ``start`` waits for the supervisor to take its lock before giving up.
@@ -30,8 +31,17 @@ def worker_options(args: argparse.Namespace) -> list[str]:
         f"--lost-after={args.lost_after}",
         f"--sweep={args.sweep}",
     ]
+    for status in ("succeeded", "failed", "cancelled"):
+        options.append(f"--keep-{status}={format_duration(getattr(args, f'keep_{status}'))}")
+    every = args.prune_every
+    options.append(f"--prune-every={'never' if every is None else format_duration(every)}")
     if args.log_level is not None:
         options.append(f"--log-level={args.log_level}")
+    if args.metrics_port is not None:
+        raise TaskletError(
+            "--metrics-port would make every worker process bind the same port: run "
+            "`tasklet worker --metrics-port N` per process, or one process per port"
+        )
     return options + [f"--import={module}" for module in args.imports]
 
 

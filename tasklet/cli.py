@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime as dt
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.util import CommandError
@@ -26,6 +29,7 @@ from . import (
 )
 from ._database import Database
 from .errors import TaskletError
+from .retention import Retention, format_duration, parse_duration, prune_database
 from .schema import JOB_STATUSES
 from .worker import Worker, WorkerSettings
 
@@ -61,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     _queue_arguments(commands)
     _admin_parsers(commands)
     _process_parsers(commands)
+    prune = commands.add_parser(
+        "prune",
+        help="delete finished jobs older than their retention period, with their runs",
+        description="Delete finished jobs older than their retention period, with their runs "
+        "(workers also do this by themselves every minute).",
+    )
+    _retention_arguments(prune)
+    prune.add_argument(
+        "--batch-size",
+        type=int,
+        default=Retention().batch_size,
+        help=f"jobs deleted per statement (default {Retention().batch_size})",
+    )
     return parser
 
 
@@ -145,6 +162,42 @@ def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     # `tasklet jobs cancel ID` plugs in here: admin_command(jobs_commands, "cancel", ...).
 
 
+def _duration(text: str) -> dt.timedelta | None:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _retention_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = Retention()
+    group = parser.add_argument_group(
+        "retention (durations such as 30s, 15m, 12h, 1d, 2w, or 'forever')"
+    )
+    for status, text in (
+        ("succeeded", "succeeded jobs"),
+        ("failed", "failed jobs"),
+        ("cancelled", "cancelled jobs"),
+    ):
+        group.add_argument(
+            f"--keep-{status}",
+            type=_duration,
+            default=getattr(defaults, status),
+            metavar="DURATION",
+            help=f"keep {text} this long (default {format_duration(getattr(defaults, status))})",
+        )
+
+
+def _retention(args: argparse.Namespace, **changes: Any) -> Retention:
+    return dataclasses.replace(
+        Retention(),
+        succeeded=args.keep_succeeded,
+        failed=args.keep_failed,
+        cancelled=args.keep_cancelled,
+        **changes,
+    )
+
+
 def _worker_arguments(parser: argparse.ArgumentParser, *, queues: bool = True) -> None:
     defaults = WorkerSettings()
     parser.add_argument(
@@ -195,6 +248,15 @@ def _worker_arguments(parser: argparse.ArgumentParser, *, queues: bool = True) -
         help=f"a worker silent this long is dead (default {defaults.lost_after_s:g})",
     )
     timing.add_argument("--sweep", type=float, default=defaults.sweep_s)
+    _retention_arguments(parser)
+    parser.add_argument(
+        "--prune-every",
+        type=_duration,
+        default=defaults.retention.every,
+        metavar="DURATION",
+        help="how often this worker deletes finished jobs past their retention ('never': "
+        f"leave it to `tasklet prune`; default {format_duration(defaults.retention.every)})",
+    )
     parser.add_argument(
         "--log-level", help="default INFO (WARNING under workoff's progress bar on a terminal)"
     )
@@ -225,6 +287,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         heartbeat_s=args.heartbeat,
         lost_after_s=args.lost_after,
         sweep_s=args.sweep,
+        retention=_retention(args, every=args.prune_every),
     )
     worker = Worker(settings, database=_open_database())
     metrics = None
@@ -284,6 +347,23 @@ def _queue(args: argparse.Namespace) -> int:
         ("resume", False): "queue {!r} was not paused",
     }
     print("tasklet: " + messages[args.action, changed].format(args.name))
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise TaskletError(f"--batch-size must be at least 1, not {args.batch_size}")
+    retention = _retention(args, batch_size=args.batch_size)
+    deleted = prune_database(_open_database(), retention)
+    parts = []
+    for status, period in retention.periods().items():
+        if period is None:
+            parts.append(f"{status} kept forever")
+        else:
+            parts.append(f"{deleted[status]} {status} (older than {format_duration(period)})")
+    print(
+        f"tasklet: deleted {sum(deleted.values())} finished jobs and their runs: {', '.join(parts)}"
+    )
     return 0
 
 
@@ -360,6 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workoff": _run_worker,
         "clear": _clear,
         "queue": _queue,
+        "prune": _prune,
     }
     try:
         handler = getattr(args, "handler", None)

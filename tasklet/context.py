@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["JobContext"]
 
@@ -34,6 +36,17 @@ class JobContext:
     #: In ``after_failure`` hooks: whether the job will be attempted again.
     will_retry: bool | None = None
     _cancel: threading.Event | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def state(self) -> Mapping[str, Any]:
+        """The worker's shared state: what its ``@tasklet.worker_lifespan`` functions yielded.
+
+        Created once per worker process (a connection pool, an HTTP client), read-only,
+        shared by every job the worker runs; empty when the job is called inline.
+        """
+        from .lifespan import state_of
+
+        return state_of(self.worker_id)
 
     @property
     def is_last_attempt(self) -> bool:

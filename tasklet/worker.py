@@ -37,6 +37,8 @@ from ._database import Database
 from ._executor import Attempt, Executor, Outcome
 from ._lifeline import Lifeline
 from .errors import TaskletError
+from .lifespan import worker_state
+from .retention import Retention
 
 __all__ = ["Worker", "WorkerSettings"]
 
@@ -79,6 +81,8 @@ class WorkerSettings:
     #: Finished attempts are written together: at most this many, after at most this long.
     flush_max: int = 500
     flush_window_s: float = 0.002
+    #: How long finished jobs are kept; every worker prunes older ones (see tasklet.retention).
+    retention: Retention = field(default_factory=Retention)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -235,6 +239,11 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self.job_names = _registry.names()
         self.limited = _registry.has_limits()
+        # Worker state opens before the worker registers, and closes after its last job.
+        async with worker_state(self.id):
+            return await self._run(drain)
+
+    async def _run(self, drain: bool) -> WorkerStats:
         db = self.db
         await anyio.to_thread.run_sync(self.register)
         lifeline = Lifeline(self)

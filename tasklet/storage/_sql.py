@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -186,7 +187,7 @@ updated AS (
            last_error = g.error
       FROM given AS g
      WHERE j.id = g.job_id AND j.lease = g.lease AND j.status = 'running'
-    RETURNING j.id
+    RETURNING j.id, j.status
 ),
 recorded AS (
     INSERT INTO {job_runs}
@@ -195,8 +196,19 @@ recorded AS (
            g.error, g.traceback, g.result
       FROM given AS g JOIN updated AS u ON u.id = g.job_id
      WHERE g.record
+),
+-- For result() waiters (tasklet.results): one NOTIFY per batch that finished jobs, and only
+-- while a process waits (its listener is connected), since a NOTIFY serializes commits.
+-- A payload over PostgreSQL's 8000-byte limit would fail the finish: send '' ("look at all").
+done AS (
+    SELECT pg_notify({done_channel}, CASE WHEN length(ids) < 7900 THEN ids ELSE '' END)
+      FROM (SELECT string_agg(id::text, ',') AS ids FROM updated
+             WHERE status IN ('succeeded', 'failed', 'cancelled')) AS t
+     WHERE ids IS NOT NULL
+       AND EXISTS (SELECT 1 FROM pg_stat_activity
+                    WHERE application_name = {listener} AND datname = current_database())
 )
-SELECT id FROM updated
+SELECT id FROM updated WHERE (SELECT count(*) FROM done) >= 0
 """
 
 
@@ -294,9 +306,28 @@ def pg_limited_claim_sql(schema: str | None, all_queues: bool) -> tuple[str, str
     )
 
 
+def done_channel(schema: str | None) -> str:
+    """The channel finishes notify with the ids of jobs that reached a final state."""
+    channel = "tasklet_done" if schema is None else f"tasklet_{schema}_done"
+    if schema is not None and len(channel) > 63:  # PostgreSQL's limit for channel names
+        channel = f"tasklet_done_{hashlib.sha1(schema.encode()).hexdigest()[:16]}"
+    return channel
+
+
+def done_listener(schema: str | None) -> str:
+    """The application_name of a connection LISTENing on :func:`done_channel`."""
+    return f"tasklet-results {done_channel(schema)}"[:63]
+
+
 @functools.lru_cache(maxsize=64)
 def pg_finish_sql(schema: str | None) -> str:
-    return _PG_FINISH.format(jobs=table(schema, "jobs"), job_runs=table(schema, "job_runs"))
+    return _PG_FINISH.format(
+        jobs=table(schema, "jobs"),
+        job_runs=table(schema, "job_runs"),
+        # The schema is a checked identifier: both are safe to inline.
+        done_channel=f"'{done_channel(schema)}'",
+        listener=f"'{done_listener(schema)}'",
+    )
 
 
 # SQLite's worker statements, with the lists and the batch as JSON (JSON1).
