@@ -17,6 +17,7 @@ from . import _config, _wakeup, storage
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+    from ._database import Database
     from ._job import Job
 
 P = ParamSpec("P")
@@ -27,10 +28,15 @@ ConnectionLike: TypeAlias = "Connection | Session | AsyncConnection | AsyncSessi
 
 @dataclass(frozen=True, slots=True)
 class JobHandle:
-    """What ``.defer()`` returns: ``id`` is the job's row id in ``jobs``."""
+    """What ``.defer()`` returns: ``id`` is the job's row id in ``jobs``.
+
+    ``created`` is false when a unique job (``unique_key``, ``@job(unique=...)``)
+    was already queued or running: the handle is that job's.
+    """
 
     id: int
     name: str
+    created: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,12 @@ class EnqueueOptions:
     max_attempts: int
     timeout: float | None
     connection: ConnectionLike | None = None
+    #: While a job with this key is queued or running, deferring returns it instead.
+    unique_key: str | None = None
+
+
+#: Longer keys would strain the unique index; keys made from arguments are hashed instead.
+MAX_UNIQUE_KEY = 1000
 
 
 def check_name(kind: str, value: object) -> None:
@@ -64,6 +76,14 @@ def check_options(options: EnqueueOptions) -> None:
         )
     if options.timeout is not None and not options.timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, not {options.timeout!r}")
+    key = options.unique_key
+    if key is not None and (
+        not isinstance(key, str) or not key or "\x00" in key or len(key) > MAX_UNIQUE_KEY
+    ):
+        raise ValueError(
+            f"unique_key must be a non-empty string of at most {MAX_UNIQUE_KEY} characters "
+            f"without NUL, not {key!r}"
+        )
 
 
 def _aware(when: dt.datetime) -> dt.datetime:
@@ -111,12 +131,17 @@ class Deferrer(Generic[P]):
         max_attempts: int | None = None,
         timeout: float | None = None,
         connection: ConnectionLike | None = None,
+        unique_key: str | None = None,
     ) -> Deferrer[P]:
         """A view of this job whose enqueues use other settings.
 
         ``connection`` (a SQLAlchemy ``Connection`` or ``Session``, sync or
         async) writes the job inside that transaction: it exists only if the
         transaction commits.
+
+        ``unique_key``: while a job with this key (of any job type) is queued or
+        running, deferring returns that job's handle (``created=False``)
+        instead of adding one. It replaces the key ``@job(unique=...)`` makes.
 
         >>> with Session(engine) as session, session.begin():  # doctest: +SKIP
         ...     session.add(User(id=5))
@@ -130,6 +155,7 @@ class Deferrer(Generic[P]):
             max_attempts=current.max_attempts if max_attempts is None else max_attempts,
             timeout=current.timeout if timeout is None else timeout,
             connection=current.connection if connection is None else connection,
+            unique_key=current.unique_key if unique_key is None else unique_key,
         )
         check_options(options)
         return Deferrer(self._job, options)
@@ -160,11 +186,16 @@ class Deferrer(Generic[P]):
         """
         return self._insert(self._job.new_rows(self._options, arguments))
 
+    def _unique(self) -> bool:
+        return self._options.unique_key is not None or self._job.unique_by is not None
+
     def _insert(self, rows: list[storage.NewJob]) -> list[JobHandle]:
         db = _config.database()
         connection = self._options.connection
         if _is_async(connection):
             raise TypeError("an async connection or session needs the *_async methods")
+        if self._unique():
+            return self._insert_unique(db, rows, connection)  # type: ignore[arg-type]
         if connection is not None:
             conn = _sync_connection(connection)  # type: ignore[arg-type]
             ids = storage.jobs_insert(db, rows, conn)
@@ -173,6 +204,18 @@ class Deferrer(Generic[P]):
             # Committed: wake this process's idle workers now.
             _wakeup.publish(db.wake_key, {row.queue for row in rows})
         return [JobHandle(id=job_id, name=self._job.name) for job_id in ids]
+
+    def _insert_unique(
+        self, db: Database, rows: list[storage.NewJob], connection: Connection | Session | None
+    ) -> list[JobHandle]:
+        # Always NOTIFY (for the rows it adds only): a throttled enqueue that added
+        # nothing would hold back the notification of the next one that does.
+        if connection is not None:
+            inserted = storage.jobs_insert_unique(db, rows, _sync_connection(connection))
+        else:
+            inserted = storage.jobs_insert_unique(db, rows)
+            _publish_created(db, rows, inserted)
+        return [JobHandle(id=i.id, name=i.name, created=i.created) for i in inserted]
 
     # ----------------------------------------------------------------- async
 
@@ -203,6 +246,12 @@ class Deferrer(Generic[P]):
         connection = self._options.connection
         if _is_async(connection):
             db = _config.database()
+            if self._unique():
+
+                def insert_unique(sync: Connection | Session) -> list[JobHandle]:
+                    return self._insert_unique(db, rows, sync)
+
+                return await connection.run_sync(insert_unique)
 
             def insert(sync: Connection | Session) -> list[int]:
                 return storage.jobs_insert(db, rows, _sync_connection(sync))
@@ -212,6 +261,19 @@ class Deferrer(Generic[P]):
         if connection is not None:
             return await anyio.to_thread.run_sync(self._insert, rows)
         db = _config.database()
+        if self._unique():
+            inserted = await storage.jobs_insert_unique_async(db, rows)
+            _publish_created(db, rows, inserted)
+            return [JobHandle(id=i.id, name=i.name, created=i.created) for i in inserted]
         ids = await storage.jobs_insert_async(db, rows, notify=_wakeup.notify_now(db.wake_key))
         _wakeup.publish(db.wake_key, {row.queue for row in rows})
         return [JobHandle(id=job_id, name=self._job.name) for job_id in ids]
+
+
+def _publish_created(
+    db: Database, rows: list[storage.NewJob], inserted: list[storage.InsertedJob]
+) -> None:
+    """Wake this process's idle workers for the jobs an enqueue really added."""
+    queues = {row.queue for row, job in zip(rows, inserted, strict=True) if job.created}
+    if queues:
+        _wakeup.publish(db.wake_key, queues)

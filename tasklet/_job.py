@@ -6,7 +6,7 @@ import datetime as dt
 import functools
 import inspect
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -18,7 +18,7 @@ from typing import (
     overload,
 )
 
-from . import _codec, _config, _registry, storage
+from . import _codec, _config, _registry, _unique, storage
 from ._defer import Deferrer, EnqueueOptions, check_name, check_options
 from .context import JobContext
 from .errors import JobDefinitionError, SerializationError
@@ -69,6 +69,7 @@ class Job(Deferrer[P], Generic[P, R]):
         backoff: Backoff | None,
         serializer: Serializer,
         no_retry: tuple[type[BaseException], ...] = (),
+        unique: bool | str | Sequence[str] = False,
     ) -> None:
         super().__init__(self, options)
         functools.update_wrapper(self, func)
@@ -94,6 +95,13 @@ class Job(Deferrer[P], Generic[P, R]):
         self._required = frozenset(
             name for name, p in self.signature.parameters.items() if p.default is p.empty
         )
+        #: The arguments whose values make the unique key of each enqueue (None: not unique).
+        self.unique_by = _unique.arguments(self.name, self.signature, unique)
+
+    def unique_key_for(self, arguments: Mapping[str, Any]) -> str:
+        """The key ``@job(unique=...)`` gives these bound arguments (see tasklet._unique)."""
+        assert self.unique_by is not None
+        return _unique.key_for(self.name, self.signature, self.unique_by, arguments)
 
     @property
     def queue(self) -> str:
@@ -229,8 +237,14 @@ class Job(Deferrer[P], Generic[P, R]):
         run_at: dt.datetime | None = None,
         delay_s: float = 0.0,
     ) -> storage.NewJob:
-        payload, text, pickled = self.encode(self.bind(args, kwargs))
-        return self._row(options, payload, text, pickled, run_at=run_at, delay_s=delay_s)
+        arguments = self.bind(args, kwargs)
+        payload, text, pickled = self.encode(arguments)
+        key = options.unique_key
+        if key is None and self.unique_by is not None:
+            key = self.unique_key_for(arguments)
+        return self._row(
+            options, payload, text, pickled, run_at=run_at, delay_s=delay_s, unique_key=key
+        )
 
     def _row(
         self,
@@ -241,6 +255,7 @@ class Job(Deferrer[P], Generic[P, R]):
         *,
         run_at: dt.datetime | None = None,
         delay_s: float = 0.0,
+        unique_key: str | None = None,
     ) -> storage.NewJob:
         return storage.NewJob(
             name=self.name,
@@ -254,6 +269,7 @@ class Job(Deferrer[P], Generic[P, R]):
             run_at=run_at,
             delay_s=delay_s,
             args_json=text,
+            unique_key=unique_key,
         )
 
     def new_rows(
@@ -261,11 +277,12 @@ class Job(Deferrer[P], Generic[P, R]):
     ) -> list[storage.NewJob]:
         """Rows for :meth:`Deferrer.defer_many`: every mapping is checked before any is kept."""
         bound = [self.bind((), kwargs) for kwargs in arguments]
-        if self.serializer == "pickle":
+        if self.serializer == "pickle" or self.unique_by is not None:
             return [self.new_row(options, (), kwargs) for kwargs in bound]
         limit = _config.database().settings.max_payload_bytes
+        key = options.unique_key
         return [
-            self._row(options, payload, None, None)
+            self._row(options, payload, None, None, unique_key=key)
             for payload in _codec.encode_json_many(bound, limit)
         ]
 
@@ -292,6 +309,7 @@ def job(
     backoff: Backoff | None = None,
     serializer: Serializer = "json",
     no_retry: tuple[type[BaseException], ...] = (),
+    unique: bool | str | Sequence[str] = False,
 ) -> _JobDecorator: ...
 def job(
     func: Callable[..., Any] | None = None,
@@ -305,6 +323,7 @@ def job(
     backoff: Backoff | None = None,
     serializer: Serializer = "json",
     no_retry: tuple[type[BaseException], ...] = (),
+    unique: bool | str | Sequence[str] = False,
 ) -> Job[Any, Any] | _JobDecorator:
     """Register a function, sync or async, as a job type.
 
@@ -318,7 +337,9 @@ def job(
     ``backoff`` (seconds between attempts, or a function of the attempt number;
     default exponential with jitter), ``serializer`` (``"json"``, or
     ``"pickle"`` for arguments JSON cannot carry), ``no_retry`` (exception
-    types that fail the job at once instead of being retried).
+    types that fail the job at once instead of being retried), ``unique``
+    (``True`` or names of arguments: while a job with the same values is
+    queued or running, deferring returns it instead of adding one).
     """
     options = EnqueueOptions(
         queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout
@@ -353,6 +374,7 @@ def job(
             backoff=backoff,
             serializer=serializer,
             no_retry=tuple(no_retry),
+            unique=unique,
         )
         _registry.register(created)
         return created

@@ -6,6 +6,8 @@ once, synchronously; async callers run it in a worker thread.
 
 * ``jobs``: enqueue, read, clear, count (the API and the CLI);
 * ``attempts``: claim, finish, rescue (the worker);
+* ``unique``: enqueue jobs with unique keys;
+* ``schedules``: the ticks of recurring schedules;
 * ``workers``: register, heartbeat, unregister.
 """
 
@@ -22,12 +24,14 @@ from .jobs import (
     jobs_next_due,
 )
 from .rows import ClaimedJob, Completion, JobRow, NewJob, RunRow, as_utc, utcnow
+from .unique import InsertedJob, jobs_insert_unique, jobs_insert_unique_async
 from .workers import worker_heartbeat, worker_register, worker_unregister
 
 __all__ = [
     "ClaimedJob",
     "Claimer",
     "Completion",
+    "InsertedJob",
     "JobRow",
     "NewJob",
     "RunRow",
@@ -41,6 +45,8 @@ __all__ = [
     "jobs_flag_unknown",
     "jobs_insert",
     "jobs_insert_async",
+    "jobs_insert_unique",
+    "jobs_insert_unique_async",
     "jobs_list",
     "jobs_next_due",
     "jobs_rescue",
