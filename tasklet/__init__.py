@@ -22,6 +22,7 @@ from .hooks import after_failure, after_success, before_perform
 from .migrations import downgrade, upgrade
 from .queries import JobRow, RunRow, get_job, get_runs
 from .retry import Abort, Retry
+from .schedules import Schedule, periodic
 from .schema import metadata
 from .worker import Worker, WorkerSettings
 
@@ -37,6 +38,7 @@ __all__ = [
     "PayloadTooLargeError",
     "Retry",
     "RunRow",
+    "Schedule",
     "SchemaMissingError",
     "SerializationError",
     "Settings",
@@ -52,5 +54,6 @@ __all__ = [
     "get_runs",
     "job",
     "metadata",
+    "periodic",
     "upgrade",
 ]

@@ -186,6 +186,10 @@ class Deferrer(Generic[P]):
         """
         return self._insert(self._job.new_rows(self._options, arguments))
 
+    def row_at(self, when: dt.datetime, kwargs: Mapping[str, Any]) -> storage.NewJob:
+        """The row ``defer_at(when, **kwargs)`` writes (the scheduler enqueues it itself)."""
+        return self._job.new_row(self._options, (), kwargs, run_at=_aware(when))
+
     def _unique(self) -> bool:
         return self._options.unique_key is not None or self._job.unique_by is not None
 

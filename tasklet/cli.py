@@ -97,6 +97,12 @@ def _worker_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"a worker silent this long is dead (default {defaults.lost_after_s:g})",
     )
     timing.add_argument("--sweep", type=float, default=defaults.sweep_s)
+    parser.add_argument(
+        "--no-schedules",
+        action="store_false",
+        dest="schedules",
+        help="do not enqueue the recurring schedules (@periodic) of the jobs (worker only)",
+    )
     parser.add_argument("--log-level", default="INFO", help="default INFO")
 
 
@@ -115,6 +121,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         heartbeat_s=args.heartbeat,
         lost_after_s=args.lost_after,
         sweep_s=args.sweep,
+        schedules=args.schedules,
     )
     worker = Worker(settings, database=_open_database())
     worker.run_sync(drain=args.command == "workoff", handle_signals=True)

@@ -24,6 +24,7 @@ from .jobs import (
     jobs_next_due,
 )
 from .rows import ClaimedJob, Completion, JobRow, NewJob, RunRow, as_utc, utcnow
+from .schedules import schedule_last_ticks, schedule_tick_insert, schedule_ticks_prune
 from .unique import InsertedJob, jobs_insert_unique, jobs_insert_unique_async
 from .workers import worker_heartbeat, worker_register, worker_unregister
 
@@ -50,6 +51,9 @@ __all__ = [
     "jobs_list",
     "jobs_next_due",
     "jobs_rescue",
+    "schedule_last_ticks",
+    "schedule_tick_insert",
+    "schedule_ticks_prune",
     "utcnow",
     "worker_heartbeat",
     "worker_register",
