@@ -72,7 +72,7 @@ class Scheduler(threading.Thread):
         self._next_prune = self.started_at
         self._stop_event = threading.Event()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
         self._stop_event.set()
         if self.is_alive():
             self.join(timeout)

@@ -37,7 +37,7 @@ J = TypeVar("J", bound="Job[Any, Any]")
 _JUST_BEFORE = dt.timedelta(microseconds=1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Schedule:
     """One recurring schedule of a job: when it ticks, and with which arguments."""
 

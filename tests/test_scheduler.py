@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tasklet import _scheduler, job, periodic, schedules, storage
+from tasklet import _registry, _scheduler, job, periodic, schedules, storage
 from tasklet._database import Database
 from tasklet._scheduler import Scheduler
 from tasklet.schedules import Schedule
@@ -219,11 +219,13 @@ def test_a_running_worker_enqueues_each_tick_as_it_comes(db: Database) -> None:
     assert times[1] - times[0] == SECOND
 
 
-def test_a_worker_schedules_only_the_jobs_it_has_registered_and_not_when_told_not_to(
-    db: Database,
-) -> None:
+def test_a_worker_schedules_only_the_jobs_it_has_registered(db: Database) -> None:
+    @periodic("* * * * *", name="forgotten")
+    @job(name="sc.forgotten")
+    def forgotten() -> None: ...
+
+    _registry.unregister("sc.forgotten")
     schedule = minutely()
-    assert _scheduler.start(Worker(WorkerSettings(schedules=False))) is None
 
     running = _scheduler.start(Worker(FAST))
     assert running is not None
@@ -231,6 +233,12 @@ def test_a_worker_schedules_only_the_jobs_it_has_registered_and_not_when_told_no
         assert [s.name for s in running.schedules] == [schedule.name]
     finally:
         running.stop()
+
+
+def test_a_worker_with_schedules_off_starts_no_scheduler(db: Database) -> None:
+    minutely()
+
+    assert _scheduler.start(Worker(WorkerSettings(schedules=False))) is None
 
 
 def test_a_worker_that_drains_does_not_schedule(db: Database) -> None:
