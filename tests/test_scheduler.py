@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tasklet import _registry, _scheduler, job, periodic, schedules, storage
+from tasklet import _registry, _scheduler, cli, job, periodic, schedules, storage
 from tasklet._database import Database
 from tasklet._scheduler import Scheduler
 from tasklet.schedules import Schedule
@@ -239,6 +239,13 @@ def test_a_worker_with_schedules_off_starts_no_scheduler(db: Database) -> None:
     minutely()
 
     assert _scheduler.start(Worker(WorkerSettings(schedules=False))) is None
+
+
+def test_tasklet_worker_no_schedules_turns_the_scheduler_off() -> None:
+    parser = cli._parser()
+
+    assert parser.parse_args(["worker"]).schedules is True
+    assert parser.parse_args(["worker", "--no-schedules"]).schedules is False
 
 
 def test_a_worker_that_drains_does_not_schedule(db: Database) -> None:

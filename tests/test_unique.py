@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -384,6 +385,20 @@ def test_on_postgres_a_key_freed_by_a_rollback_is_taken_by_the_waiting_defer(
 
     assert len(result) == 1 and result[0].created and result[0].id != held
     assert count_jobs(pg_db) == 1
+
+
+def test_on_postgres_a_unique_defer_notifies_workers_only_when_it_adds_a_job(
+    pg_db: Database, welcome: Any
+) -> None:
+    with psycopg.connect(pg_db.conninfo, autocommit=True) as listener:
+        listener.execute(f"LISTEN {pg_db.notify_channel}")
+        welcome.defer(user_id=5)
+        welcome.defer(user_id=5)
+        welcome.defer(user_id=6)
+        heard = [n.payload for n in listener.notifies(timeout=0.5)]
+
+    # One NOTIFY per statement that added a job; the duplicate sent none.
+    assert heard == ["default", "default"]
 
 
 PRODUCER = """
