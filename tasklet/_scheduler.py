@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tasklet.scheduler")
 
-#: Each scheduler keeps this many of every schedule's latest ticks and deletes the rest.
+#: Each scheduler keeps this many of every schedule's latest ticks (more with catch_up)
+#: and deletes older ones.
 KEEP_TICKS = 100
 PRUNE_EVERY_S = 60.0
 #: After a failure (the database is down), try again this soon.
@@ -102,9 +103,18 @@ class Scheduler(threading.Thread):
             complete &= self._run_schedule(schedule, live_from, now)
         if now >= self._next_prune:
             self._next_prune = now + dt.timedelta(seconds=PRUNE_EVERY_S)
-            names = [s.name for s in self.schedules]
-            storage.schedule_ticks_prune(self.db, names, keep=KEEP_TICKS)
+            self.prune(now)
         return complete
+
+    def prune(self, now: dt.datetime) -> None:
+        """Delete old ticks, keeping any another scheduler may still try to enqueue.
+
+        A scheduler tries the on-time ticks of the last ``late_s``, and of missed
+        ones at most ``catch_up`` of the latest (which may be old): deleting
+        either would let it enqueue a tick a second time.
+        """
+        keep = {s.name: KEEP_TICKS + s.catch_up for s in self.schedules}
+        storage.schedule_ticks_prune(self.db, keep, before=now - 2 * self.late)
 
     def _run_schedule(
         self, schedule: schedules.Schedule, live_from: dt.datetime, now: dt.datetime

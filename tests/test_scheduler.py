@@ -23,6 +23,7 @@ from tests.support import Backend, BackgroundWorker, Log, finish, get_row, taskl
 
 UTC = dt.UTC
 STARTED = dt.datetime(2026, 6, 1, 12, 0, 30, tzinfo=UTC)
+NOON = dt.datetime(2026, 6, 1, 12, tzinfo=UTC)
 SECOND = dt.timedelta(seconds=1)
 #: tests/schedule_jobs.py's schedule (not imported here: this process would schedule it too).
 SCHEDULE_OF_PROCESSES = "tests.every-second"
@@ -196,12 +197,34 @@ def test_old_ticks_are_pruned_keeping_the_latest_of_each_schedule(db: Database) 
     for minute in range(5):
         seed_last_tick(db, schedule, at(f"11:0{minute}"))
 
-    assert storage.schedule_ticks_prune(db, ["every-minute", "other"], keep=2) == 3
+    deleted = storage.schedule_ticks_prune(db, {"every-minute": 2, "other": 2}, before=NOON)
 
+    assert deleted == 3
     assert [t for t, _ in ticks(db, "every-minute")] == [at("11:03"), at("11:04")]
     assert storage.schedule_last_ticks(db, ["every-minute", "other"]) == {
         "every-minute": at("11:04")
     }
+
+
+def test_pruning_keeps_recent_ticks_however_many(db: Database) -> None:
+    schedule = minutely()
+    for minute in range(5):
+        seed_last_tick(db, schedule, at(f"11:0{minute}"))
+
+    storage.schedule_ticks_prune(db, {"every-minute": 1}, before=at("11:02"))
+
+    assert [t for t, _ in ticks(db, "every-minute")] == [at(f"11:0{m}") for m in (2, 3, 4)]
+
+
+def test_a_scheduler_keeps_the_ticks_its_catch_up_could_try_again(db: Database) -> None:
+    schedule = minutely(catch_up=3)
+    for minute in range(_scheduler.KEEP_TICKS + 10):
+        tick = at("08:00") + minute * dt.timedelta(minutes=1)
+        seed_last_tick(db, schedule, tick)
+
+    scheduler(db, schedule).prune(NOON)
+
+    assert len(ticks(db, "every-minute")) == _scheduler.KEEP_TICKS + 3
 
 
 # ----------------------------------------------------------------- workers

@@ -10,7 +10,7 @@ for it: if that one rolls back, this one enqueues the tick.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -78,21 +78,26 @@ def schedule_last_ticks(db: Database, schedules: Sequence[str]) -> dict[str, dt.
     return last
 
 
-def schedule_ticks_prune(db: Database, schedules: Sequence[str], *, keep: int) -> int:
-    """Delete all but the ``keep`` latest ticks of each schedule; returns how many went."""
+def schedule_ticks_prune(db: Database, keep: Mapping[str, int], *, before: dt.datetime) -> int:
+    """Delete ticks older than ``before``, past the ``keep[name]`` latest of each schedule.
+
+    Returns how many rows went.
+    """
     deleted = 0
     with db.begin() as conn:
-        for name in schedules:
+        for name, count in keep.items():
             newest_kept = (
                 sa.select(_TICKS.tick)
                 .where(_TICKS.schedule == name)
                 .order_by(_TICKS.tick.desc())
                 .limit(1)
-                .offset(keep - 1)
+                .offset(count - 1)
                 .scalar_subquery()
             )
             delete = sa.delete(schedule_ticks).where(
-                _TICKS.schedule == name, _TICKS.tick < newest_kept
+                _TICKS.schedule == name,
+                _TICKS.tick < newest_kept,
+                _TICKS.tick < stamp(conn, before),
             )
             deleted += conn.execute(delete, execution_options=db.execution_options).rowcount
     return deleted
