@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import exc as sa_exc
 
-from . import _wakeup, schedules, storage
+from . import _wakeup, storage
 from ._database import Database
 from .errors import DatabaseUnavailableError, SchemaMissingError
+from .schedules import Schedule, registered
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -44,7 +45,7 @@ _RETRIED = (sa_exc.SQLAlchemyError, DatabaseUnavailableError, SchemaMissingError
 
 def start(worker: Worker) -> Scheduler | None:
     """Start scheduling the jobs ``worker`` knows, unless it has none or schedules are off."""
-    mine = schedules.registered()
+    mine = registered()
     if not worker.settings.schedules or not mine:
         return None
     scheduler = Scheduler(worker.db, mine, late_s=worker.settings.lost_after_s)
@@ -58,7 +59,7 @@ class Scheduler(threading.Thread):
     def __init__(
         self,
         db: Database,
-        schedules: Sequence[schedules.Schedule],
+        schedules: Sequence[Schedule],
         *,
         late_s: float,
         started_at: dt.datetime | None = None,
@@ -116,9 +117,7 @@ class Scheduler(threading.Thread):
         keep = {s.name: KEEP_TICKS + s.catch_up for s in self.schedules}
         storage.schedule_ticks_prune(self.db, keep, before=now - 2 * self.late)
 
-    def _run_schedule(
-        self, schedule: schedules.Schedule, live_from: dt.datetime, now: dt.datetime
-    ) -> bool:
+    def _run_schedule(self, schedule: Schedule, live_from: dt.datetime, now: dt.datetime) -> bool:
         assert self.cursors is not None
         after = self.cursors[schedule.name]
         for tick in schedule.due(after, live_from, now):
@@ -133,7 +132,7 @@ class Scheduler(threading.Thread):
         self.cursors[schedule.name] = max(self.cursors[schedule.name], now)
         return True
 
-    def _enqueue(self, schedule: schedules.Schedule, tick: dt.datetime) -> None:
+    def _enqueue(self, schedule: Schedule, tick: dt.datetime) -> None:
         row = schedule.new_row(tick)
         inserted = storage.schedule_tick_insert(self.db, schedule=schedule.name, tick=tick, job=row)
         if inserted is None:
