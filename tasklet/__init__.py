@@ -26,6 +26,7 @@ from .queries import JobRow, RunRow, get_job, get_runs
 from .results import JobCancelled, JobFailed, JobNotFound, handle
 from .retention import Retention, prune, prune_async
 from .retry import Abort, Retry
+from .schedules import Schedule, periodic
 from .schema import metadata
 from .worker import Worker, WorkerSettings
 
@@ -45,6 +46,7 @@ __all__ = [
     "Retention",
     "Retry",
     "RunRow",
+    "Schedule",
     "SchemaMissingError",
     "SerializationError",
     "Settings",
@@ -64,6 +66,7 @@ __all__ = [
     "metadata",
     "pause_queue",
     "paused_queues",
+    "periodic",
     "prune",
     "prune_async",
     "resume_queue",

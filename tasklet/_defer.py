@@ -17,6 +17,7 @@ from . import _config, _wakeup, storage
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+    from ._database import Database
     from ._job import Job
 
 P = ParamSpec("P")
@@ -30,10 +31,13 @@ class JobHandle:
     """What ``.defer()`` returns: ``id`` is the job's row id in ``jobs``.
 
     ``tasklet.handle(id)`` rebuilds the handle of an existing job.
+    ``created`` is false when a unique job (``unique_key``, ``@job(unique=...)``)
+    was already queued or running: the handle is that job's.
     """
 
     id: int
     name: str
+    created: bool = True
 
     def result(self, timeout: float | None = None, *, poll_s: float = 1.0) -> Any:
         """Wait for the job to finish and return what it returned (decoded as arguments are).
@@ -67,6 +71,12 @@ class EnqueueOptions:
     connection: ConnectionLike | None = None
     #: Overrides the key of a job with a concurrency limit (jobs sharing a key share it).
     concurrency_key: str | None = None
+    #: While a job with this key is queued or running, deferring returns it instead.
+    unique_key: str | None = None
+
+
+#: Longer keys would strain the unique index; keys made from arguments are hashed instead.
+MAX_UNIQUE_KEY = 1000
 
 
 def check_name(kind: str, value: object) -> None:
@@ -91,6 +101,14 @@ def check_options(options: EnqueueOptions) -> None:
         raise ValueError(f"timeout must be a positive number of seconds, not {options.timeout!r}")
     if options.concurrency_key is not None:
         check_name("concurrency_key", options.concurrency_key)
+    key = options.unique_key
+    if key is not None and (
+        not isinstance(key, str) or not key or "\x00" in key or len(key) > MAX_UNIQUE_KEY
+    ):
+        raise ValueError(
+            f"unique_key must be a non-empty string of at most {MAX_UNIQUE_KEY} characters "
+            f"without NUL, not {key!r}"
+        )
 
 
 def _aware(when: dt.datetime) -> dt.datetime:
@@ -139,12 +157,17 @@ class Deferrer(Generic[P]):
         timeout: float | None = None,
         connection: ConnectionLike | None = None,
         concurrency_key: str | None = None,
+        unique_key: str | None = None,
     ) -> Deferrer[P]:
         """A view of this job whose enqueues use other settings.
 
         ``connection`` (a SQLAlchemy ``Connection`` or ``Session``, sync or
         async) writes the job inside that transaction: it exists only if the
         transaction commits.
+
+        ``unique_key``: while a job with this key (of any job type) is queued or
+        running, deferring returns that job's handle (``created=False``)
+        instead of adding one. It replaces the key ``@job(unique=...)`` makes.
 
         >>> with Session(engine) as session, session.begin():  # doctest: +SKIP
         ...     session.add(User(id=5))
@@ -159,6 +182,7 @@ class Deferrer(Generic[P]):
             timeout=current.timeout if timeout is None else timeout,
             connection=current.connection if connection is None else connection,
             concurrency_key=current.concurrency_key if concurrency_key is None else concurrency_key,
+            unique_key=current.unique_key if unique_key is None else unique_key,
         )
         check_options(options)
         if concurrency_key is not None and self._job.concurrency is None:
@@ -194,11 +218,20 @@ class Deferrer(Generic[P]):
         """
         return self._insert(self._job.new_rows(self._options, arguments))
 
+    def row_at(self, when: dt.datetime, kwargs: Mapping[str, Any]) -> storage.NewJob:
+        """The row ``defer_at(when, **kwargs)`` writes (the scheduler enqueues it itself)."""
+        return self._job.new_row(self._options, (), kwargs, run_at=_aware(when))
+
+    def _unique(self) -> bool:
+        return self._options.unique_key is not None or self._job.unique_by is not None
+
     def _insert(self, rows: list[storage.NewJob]) -> list[JobHandle]:
         db = _config.database()
         connection = self._options.connection
         if _is_async(connection):
             raise TypeError("an async connection or session needs the *_async methods")
+        if self._unique():
+            return self._insert_unique(db, rows, connection)  # type: ignore[arg-type]
         if connection is not None:
             conn = _sync_connection(connection)  # type: ignore[arg-type]
             ids = storage.jobs_insert(db, rows, conn)
@@ -207,6 +240,18 @@ class Deferrer(Generic[P]):
             # Committed: wake this process's idle workers now.
             _wakeup.publish(db.wake_key, {row.queue for row in rows})
         return [JobHandle(id=job_id, name=self._job.name) for job_id in ids]
+
+    def _insert_unique(
+        self, db: Database, rows: list[storage.NewJob], connection: Connection | Session | None
+    ) -> list[JobHandle]:
+        # Always NOTIFY (for the rows it adds only): a throttled enqueue that added
+        # nothing would hold back the notification of the next one that does.
+        if connection is not None:
+            inserted = storage.jobs_insert_unique(db, rows, _sync_connection(connection))
+        else:
+            inserted = storage.jobs_insert_unique(db, rows)
+            _publish_created(db, rows, inserted)
+        return [JobHandle(id=i.id, name=i.name, created=i.created) for i in inserted]
 
     # ----------------------------------------------------------------- async
 
@@ -237,6 +282,12 @@ class Deferrer(Generic[P]):
         connection = self._options.connection
         if _is_async(connection):
             db = _config.database()
+            if self._unique():
+
+                def insert_unique(sync: Connection | Session) -> list[JobHandle]:
+                    return self._insert_unique(db, rows, sync)
+
+                return await connection.run_sync(insert_unique)
 
             def insert(sync: Connection | Session) -> list[int]:
                 return storage.jobs_insert(db, rows, _sync_connection(sync))
@@ -246,6 +297,19 @@ class Deferrer(Generic[P]):
         if connection is not None:
             return await anyio.to_thread.run_sync(self._insert, rows)
         db = _config.database()
+        if self._unique():
+            inserted = await storage.jobs_insert_unique_async(db, rows)
+            _publish_created(db, rows, inserted)
+            return [JobHandle(id=i.id, name=i.name, created=i.created) for i in inserted]
         ids = await storage.jobs_insert_async(db, rows, notify=_wakeup.notify_now(db.wake_key))
         _wakeup.publish(db.wake_key, {row.queue for row in rows})
         return [JobHandle(id=job_id, name=self._job.name) for job_id in ids]
+
+
+def _publish_created(
+    db: Database, rows: list[storage.NewJob], inserted: list[storage.InsertedJob]
+) -> None:
+    """Wake this process's idle workers for the jobs an enqueue really added."""
+    queues = {row.queue for row, job in zip(rows, inserted, strict=True) if job.created}
+    if queues:
+        _wakeup.publish(db.wake_key, queues)

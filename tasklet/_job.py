@@ -7,7 +7,7 @@ import functools
 import inspect
 import typing
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -19,7 +19,7 @@ from typing import (
     overload,
 )
 
-from . import _codec, _config, _registry, storage
+from . import _codec, _config, _registry, _unique, storage
 from ._defer import Deferrer, EnqueueOptions, check_name, check_options
 from .context import JobContext
 from .errors import JobDefinitionError, SerializationError
@@ -72,6 +72,7 @@ class Job(Deferrer[P], Generic[P, R]):
         no_retry: tuple[type[BaseException], ...] = (),
         concurrency: int | None = None,
         concurrency_key: str | None = None,
+        unique: bool | str | Sequence[str] = False,
     ) -> None:
         super().__init__(self, options)
         functools.update_wrapper(self, func)
@@ -106,6 +107,13 @@ class Job(Deferrer[P], Generic[P, R]):
                 f"concurrency_key={concurrency_key!r} must name a parameter of "
                 f"{self.name}{self.signature}"
             )
+        #: The arguments whose values make the unique key of each enqueue (None: not unique).
+        self.unique_by = _unique.arguments(self.name, self.signature, unique)
+
+    def unique_key_for(self, arguments: Mapping[str, Any]) -> str:
+        """The key ``@job(unique=...)`` gives these bound arguments (see tasklet._unique)."""
+        assert self.unique_by is not None
+        return _unique.key_for(self.name, self.signature, self.unique_by, arguments)
 
     @property
     def queue(self) -> str:
@@ -265,6 +273,9 @@ class Job(Deferrer[P], Generic[P, R]):
     ) -> storage.NewJob:
         arguments = self.bind(args, kwargs)
         payload, text, pickled = self.encode(arguments)
+        key = options.unique_key
+        if key is None and self.unique_by is not None:
+            key = self.unique_key_for(arguments)
         return self._row(
             options,
             payload,
@@ -273,6 +284,7 @@ class Job(Deferrer[P], Generic[P, R]):
             run_at=run_at,
             delay_s=delay_s,
             limit=self._limit(options, arguments),
+            unique_key=key,
         )
 
     def _row(
@@ -285,6 +297,7 @@ class Job(Deferrer[P], Generic[P, R]):
         run_at: dt.datetime | None = None,
         delay_s: float = 0.0,
         limit: tuple[str | None, int | None] = (None, None),
+        unique_key: str | None = None,
     ) -> storage.NewJob:
         return storage.NewJob(
             name=self.name,
@@ -300,6 +313,7 @@ class Job(Deferrer[P], Generic[P, R]):
             args_json=text,
             concurrency_key=limit[0],
             concurrency_limit=limit[1],
+            unique_key=unique_key,
         )
 
     def new_rows(
@@ -307,11 +321,14 @@ class Job(Deferrer[P], Generic[P, R]):
     ) -> list[storage.NewJob]:
         """Rows for :meth:`Deferrer.defer_many`: every mapping is checked before any is kept."""
         bound = [self.bind((), kwargs) for kwargs in arguments]
-        if self.serializer == "pickle":
+        if self.serializer == "pickle" or self.unique_by is not None:
             return [self.new_row(options, (), kwargs) for kwargs in bound]
         limit = _config.database().settings.max_payload_bytes
+        key = options.unique_key
         return [
-            self._row(options, payload, None, None, limit=self._limit(options, kwargs))
+            self._row(
+                options, payload, None, None, limit=self._limit(options, kwargs), unique_key=key
+            )
             for payload, kwargs in zip(_codec.encode_json_many(bound, limit), bound, strict=True)
         ]
 
@@ -340,6 +357,7 @@ def job(
     no_retry: tuple[type[BaseException], ...] = (),
     concurrency: int | None = None,
     concurrency_key: str | None = None,
+    unique: bool | str | Sequence[str] = False,
 ) -> _JobDecorator: ...
 def job(
     func: Callable[..., Any] | None = None,
@@ -355,6 +373,7 @@ def job(
     no_retry: tuple[type[BaseException], ...] = (),
     concurrency: int | None = None,
     concurrency_key: str | None = None,
+    unique: bool | str | Sequence[str] = False,
 ) -> Job[Any, Any] | _JobDecorator:
     """Register a function, sync or async, as a job type.
 
@@ -372,6 +391,9 @@ def job(
     (at most this many attempts run at once across every worker and machine),
     ``concurrency_key`` (the name of a parameter: the limit then applies per
     value of that argument, e.g. per tenant).
+    types that fail the job at once instead of being retried), ``unique``
+    (``True`` or names of arguments: while a job with the same values is
+    queued or running, deferring returns it instead of adding one).
     """
     options = EnqueueOptions(
         queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout
@@ -410,6 +432,7 @@ def job(
             no_retry=tuple(no_retry),
             concurrency=concurrency,
             concurrency_key=concurrency_key,
+            unique=unique,
         )
         _registry.register(created)
         return created

@@ -272,6 +272,12 @@ def _worker_arguments(parser: argparse.ArgumentParser, *, queues: bool = True) -
         metavar="HOST",
         help="address the metrics endpoint binds (default 127.0.0.1)",
     )
+    parser.add_argument(
+        "--no-schedules",
+        action="store_false",
+        dest="schedules",
+        help="do not enqueue the recurring schedules (@periodic) of the jobs (worker only)",
+    )
 
 
 def _run_worker(args: argparse.Namespace) -> int:
@@ -288,6 +294,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         lost_after_s=args.lost_after,
         sweep_s=args.sweep,
         retention=_retention(args, every=args.prune_every),
+        schedules=args.schedules,
     )
     worker = Worker(settings, database=_open_database())
     metrics = None

@@ -32,7 +32,7 @@ import anyio.abc
 import anyio.to_thread
 from sqlalchemy import exc as sa_exc
 
-from . import _config, _registry, _wakeup, storage
+from . import _config, _registry, _scheduler, _wakeup, storage
 from ._database import Database
 from ._executor import Attempt, Executor, Outcome
 from ._lifeline import Lifeline
@@ -83,6 +83,8 @@ class WorkerSettings:
     flush_window_s: float = 0.002
     #: How long finished jobs are kept; every worker prunes older ones (see tasklet.retention).
     retention: Retention = field(default_factory=Retention)
+    #: Enqueue the ticks of the recurring schedules (@periodic) of the jobs this worker knows.
+    schedules: bool = True
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -250,6 +252,7 @@ class Worker:
         listener = self.listener = self._listener() if not drain else None
         unsubscribe = _wakeup.subscribe(db.wake_key, self.wake_threadsafe)
         lifeline.start()
+        scheduler = _scheduler.start(self) if not drain else None
         if listener is not None:
             listener.start()
         log.info(
@@ -266,6 +269,8 @@ class Worker:
         finally:
             unsubscribe()
             lifeline.stop()
+            if scheduler is not None:
+                scheduler.stop()
             if listener is not None:
                 listener.stop()
             await anyio.to_thread.run_sync(self._unregister)

@@ -7,6 +7,8 @@ once, synchronously; async callers run it in a worker thread.
 * ``jobs``: enqueue, read, clear, count (the API and the CLI);
 * ``attempts``: claim, finish, rescue (the worker);
 * ``queues``: pause, resume, list;
+* ``unique``: enqueue jobs with unique keys;
+* ``schedules``: the ticks of recurring schedules;
 * ``workers``: register, heartbeat, unregister.
 """
 
@@ -24,13 +26,16 @@ from .jobs import (
 )
 from .queues import QueueRow, queue_pause, queue_resume, queues_list, queues_paused
 from .rows import ClaimedJob, Completion, JobRow, NewJob, RunRow, as_utc, utcnow
+from .schedules import schedule_last_ticks, schedule_tick_insert, schedule_ticks_prune
 from .stats import queue_depths
+from .unique import InsertedJob, jobs_insert_unique, jobs_insert_unique_async
 from .workers import worker_heartbeat, worker_register, worker_unregister
 
 __all__ = [
     "ClaimedJob",
     "Claimer",
     "Completion",
+    "InsertedJob",
     "JobRow",
     "NewJob",
     "QueueRow",
@@ -45,6 +50,8 @@ __all__ = [
     "jobs_flag_unknown",
     "jobs_insert",
     "jobs_insert_async",
+    "jobs_insert_unique",
+    "jobs_insert_unique_async",
     "jobs_list",
     "jobs_next_due",
     "jobs_rescue",
@@ -53,6 +60,9 @@ __all__ = [
     "queue_resume",
     "queues_list",
     "queues_paused",
+    "schedule_last_ticks",
+    "schedule_tick_insert",
+    "schedule_ticks_prune",
     "utcnow",
     "worker_heartbeat",
     "worker_register",

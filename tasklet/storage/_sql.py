@@ -98,6 +98,37 @@ def pg_insert_sql(schema: str | None, *, shape: str, notify: bool) -> str:
     return f"WITH inserted AS ({insert}) SELECT id, pg_notify(%(channel)s, queue) FROM inserted"
 
 
+# Unique jobs (storage/unique.py): the same inserts, leaving out a row whose key an
+# active job holds (the partial index ix_jobs_unique_key), and returning that job
+# instead in the same round trip. The lookup reads the statement's snapshot, so a
+# holder that committed while the insert waited on it is found by the next try.
+_UNIQUE_ACTIVE = "unique_key IS NOT NULL AND status IN ('queued', 'running')"
+_PG_UNIQUE = """
+WITH inserted AS (
+{insert}
+    ON CONFLICT (unique_key) WHERE {active} DO NOTHING
+    RETURNING id, name, queue, unique_key
+)
+SELECT id, name, unique_key, true, {notify} FROM inserted
+UNION ALL
+SELECT id, name, unique_key, false, NULL FROM {jobs}
+ WHERE unique_key = ANY(%(keys)s::text[]) AND {active}
+"""
+
+
+@functools.lru_cache(maxsize=64)
+def pg_insert_unique_sql(schema: str | None, *, shape: str, notify: bool) -> str:
+    """:func:`pg_insert_sql` for jobs with unique keys: rows of (id, name, key, created)."""
+    jobs_table = table(schema, "jobs")
+    insert = _PG_INSERTS[shape].format(jobs=jobs_table, columns=_INSERT_COLUMNS)
+    return _PG_UNIQUE.format(
+        insert=insert.rpartition("RETURNING")[0].rstrip(),
+        active=_UNIQUE_ACTIVE,
+        notify="pg_notify(%(channel)s, queue)::text" if notify else "NULL",
+        jobs=jobs_table,
+    )
+
+
 # SQLite: one row, or rows that differ in their arguments only (JSON1's json_each).
 # Timestamps are naive UTC text (see rows.sqlite_time), bound by the caller.
 _SQLITE_INSERT_ONE = """
@@ -123,6 +154,16 @@ SQLITE_INSERTS = {
         ("same", _SQLITE_INSERT_SAME),
     )
 }
+
+
+# SQLite writes unique jobs one by one inside one write transaction, which holds
+# the lock: a key the insert left out is held by a job the lookup finds.
+SQLITE_INSERT_UNIQUE = SQLITE_INSERTS["one"].replace(
+    "RETURNING id", f"ON CONFLICT (unique_key) WHERE {_UNIQUE_ACTIVE} DO NOTHING\nRETURNING id"
+)
+SQLITE_UNIQUE_HOLDER = (
+    f"SELECT id, name FROM jobs WHERE unique_key = :unique_key AND {_UNIQUE_ACTIVE}"
+)
 
 
 # The worker's two statements per batch, as text: PostgreSQL-only constructs

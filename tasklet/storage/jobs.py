@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 
 from .._database import Database
 from ..schema import job_runs, jobs, paused_queues
-from ._sql import SQLITE_INSERTS, in_queues, now, pg_insert_sql
+from ._sql import SQLITE_INSERTS, in_queues, now, pg_insert_sql, pg_insert_unique_sql
 from .rows import JobRow, NewJob, RunRow, as_utc, sqlite_text, sqlite_time, utcnow
 
 # Rows are written in the order given and each takes the next rowid, under the write
@@ -32,9 +32,12 @@ def _pg_insert(
 
 
 def _pg_insert_statement(
-    db: Database, new_jobs: Sequence[NewJob], notify: bool
+    db: Database, new_jobs: Sequence[NewJob], notify: bool, *, unique: bool = False
 ) -> tuple[str, dict[str, Any]]:
-    """One round trip for any number of jobs (see ``_sql.pg_insert_sql``)."""
+    """One round trip for any number of jobs (see ``_sql.pg_insert_sql``).
+
+    ``unique`` builds the variant for jobs with unique keys (see storage/unique.py).
+    """
     first = new_jobs[0]
     params = {
         **_shared_params(first),
@@ -52,7 +55,8 @@ def _pg_insert_statement(
     else:
         shape = "many"
         params = {"rows": _pg_rows_json(new_jobs), "channel": db.notify_channel}
-    return pg_insert_sql(db.schema, shape=shape, notify=notify), params
+    build = pg_insert_unique_sql if unique else pg_insert_sql
+    return build(db.schema, shape=shape, notify=notify), params
 
 
 async def jobs_insert_async(
