@@ -6,6 +6,7 @@
 >>> send_welcome.defer(user_id=5)  # doctest: +SKIP
 """
 
+from ._cancel import cancel, cancel_async
 from ._config import Settings, configure
 from ._defer import Deferrer, JobHandle
 from ._job import Job, job
@@ -13,6 +14,7 @@ from .context import JobContext
 from .errors import (
     DatabaseUnavailableError,
     JobDefinitionError,
+    JobNotFoundError,
     PayloadTooLargeError,
     SchemaMissingError,
     SerializationError,
@@ -21,7 +23,7 @@ from .errors import (
 from .hooks import after_failure, after_success, before_perform
 from .migrations import downgrade, upgrade
 from .queries import JobRow, RunRow, get_job, get_runs
-from .retry import Abort, Retry
+from .retry import Abort, JobCancelled, Retry, Snooze
 from .schema import metadata
 from .worker import Worker, WorkerSettings
 
@@ -30,9 +32,11 @@ __all__ = [
     "DatabaseUnavailableError",
     "Deferrer",
     "Job",
+    "JobCancelled",
     "JobContext",
     "JobDefinitionError",
     "JobHandle",
+    "JobNotFoundError",
     "JobRow",
     "PayloadTooLargeError",
     "Retry",
@@ -40,12 +44,15 @@ __all__ = [
     "SchemaMissingError",
     "SerializationError",
     "Settings",
+    "Snooze",
     "TaskletError",
     "Worker",
     "WorkerSettings",
     "after_failure",
     "after_success",
     "before_perform",
+    "cancel",
+    "cancel_async",
     "configure",
     "downgrade",
     "get_job",

@@ -6,10 +6,19 @@ once, synchronously; async callers run it in a worker thread.
 
 * ``jobs``: enqueue, read, clear, count (the API and the CLI);
 * ``attempts``: claim, finish, rescue (the worker);
-* ``workers``: register, heartbeat, unregister.
+* ``workers``: register, heartbeat, unregister;
+* ``control``: cancel, and the cancel requests a worker must act on.
 """
 
 from .attempts import Claimer, jobs_claim, jobs_finish, jobs_rescue
+from .control import (
+    CANCEL_PREFIX,
+    CancelResult,
+    cancel_payload,
+    control_channel,
+    job_cancel,
+    jobs_cancel_requested,
+)
 from .jobs import (
     job_get,
     job_runs_list,
@@ -25,6 +34,8 @@ from .rows import ClaimedJob, Completion, JobRow, NewJob, RunRow, as_utc, utcnow
 from .workers import worker_heartbeat, worker_register, worker_unregister
 
 __all__ = [
+    "CANCEL_PREFIX",
+    "CancelResult",
     "ClaimedJob",
     "Claimer",
     "Completion",
@@ -32,8 +43,12 @@ __all__ = [
     "NewJob",
     "RunRow",
     "as_utc",
+    "cancel_payload",
+    "control_channel",
+    "job_cancel",
     "job_get",
     "job_runs_list",
+    "jobs_cancel_requested",
     "jobs_claim",
     "jobs_clear",
     "jobs_count",
