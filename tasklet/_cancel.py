@@ -4,14 +4,16 @@ A request reaches the worker holding the job in up to three ways, whichever
 comes first: at once in this process (in-process pub/sub); within milliseconds
 on PostgreSQL (NOTIFY on the control channel); and by the worker's own look at
 its running jobs, every ``cancel_check_s`` (0.5 s) on SQLite, and on every
-heartbeat on PostgreSQL as a safety net for a notification that was lost (or
-that arrived before the worker had started the job it had just claimed).
+heartbeat on PostgreSQL as a safety net for a notification that was lost. A
+message for a job the worker does not run makes it look again shortly: the job
+may be one it has just claimed and not yet started.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import anyio
 import anyio.to_thread
@@ -26,6 +28,10 @@ if TYPE_CHECKING:
 __all__ = ["cancel", "cancel_async"]
 
 log = logging.getLogger("tasklet.worker")
+
+#: A cancel for a job this worker does not run may be for one it has just claimed and
+#: not yet started: it looks again this much later.
+RECHECK_S: Final = 0.1
 
 
 def cancel(job_id: int) -> bool:
@@ -89,13 +95,18 @@ class CancelWatch:
                 job_id = int(message[len(storage.CANCEL_PREFIX) :])
             except ValueError:
                 return
-            self._deliver(job_id)
+            if not self._deliver(job_id):
+                asyncio.get_running_loop().call_later(RECHECK_S, self.on_control, None)
 
-    def _deliver(self, job_id: int) -> None:
+    def _deliver(self, job_id: int) -> bool:
+        """Cancel the attempt of this job if this worker runs it; whether it does."""
         attempt = self._attempts.get(job_id)
-        if attempt is not None and not attempt.cancel_requested:
+        if attempt is None:
+            return False
+        if not attempt.cancel_requested:
             log.info("job %d %s: cancel requested; stopping it", job_id, attempt.row.name)
             attempt.request_cancel()
+        return True
 
     async def run(self) -> None:
         """Look for requests every ``every_s``, or when told to, while attempts run."""
