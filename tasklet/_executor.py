@@ -69,6 +69,8 @@ class Attempt:
     stop_waiting: asyncio.Event | None = None
     #: Someone cancelled the job (see :meth:`request_cancel`).
     cancel_requested: bool = False
+    #: The task has begun the attempt: before that, cancelling it would skip its settling.
+    began: bool = False
     #: The function has returned or raised: what is left (after hooks) is not cancelled.
     settling: bool = False
 
@@ -97,7 +99,7 @@ class Attempt:
         self.cancel_requested = True
         if self.cancel is not None:
             self.cancel.set()
-        if self.job.is_async and not self.settling and self.task is not None:
+        if self.job.is_async and self.began and not self.settling and self.task is not None:
             self.task.cancel()
 
     def interrupt(self) -> None:
@@ -113,11 +115,15 @@ class Attempt:
             self.task.cancel()
 
 
-def _uncancel() -> None:
-    """The cancel was caught and becomes the outcome: later awaits (hooks) must not see it."""
+def _stop_error(attempt: Attempt) -> BaseException:
+    """Why an attempt's task was cancelled: a cancel request, or the worker's shutdown."""
+    if not attempt.cancel_requested:
+        return Interrupted()
+    # The cancel is caught and becomes the outcome: later awaits (hooks) must not see it.
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
+    return JobCancelled("cancel requested while the job ran")
 
 
 class JobTimeout(Exception):
@@ -151,7 +157,10 @@ class Executor:
         ctx = attempt.context() if with_hooks or job.context_parameter else None
         started = utcnow()
         thread = None
+        attempt.began = True
         try:
+            if attempt.cancel_requested:  # between the claim and this task's first step
+                raise JobCancelled("cancelled before it started")
             arguments = job.decode(row.serializer, row.args, row.args_pickle)
             if ctx is not None and with_hooks:
                 await hooks.run_before(job.hooks, ctx)
@@ -161,13 +170,9 @@ class Executor:
             else:
                 result = await self._call_sync(job.func, args, kwargs, row.timeout, attempt)
         except asyncio.CancelledError:
-            if attempt.cancel_requested:
-                _uncancel()
-                error: BaseException = JobCancelled("cancel requested while the job ran")
-            elif not attempt.interrupted:
+            if not (attempt.cancel_requested or attempt.interrupted):
                 raise
-            else:
-                error = Interrupted()
+            error: BaseException = _stop_error(attempt)
             kind = "interrupted"
         except _ThreadStillRunning as still:
             thread = still.thread
@@ -175,8 +180,6 @@ class Executor:
             kind = "interrupted" if attempt.interrupted else "timed_out"
         except JobTimeout as exc:
             error, kind = exc, "timed_out"
-        except Snooze as exc:
-            error, kind = exc, "snoozed"
         except Exception as exc:
             error, kind = exc, "failed"
         else:
@@ -204,7 +207,7 @@ class Executor:
         elif kind == "interrupted":
             step = Step("queued")
         elif isinstance(error, Snooze):
-            step = Step("queued", error.seconds)
+            kind, step = "snoozed", Step("queued", error.seconds)
         else:
             if isinstance(error, SerializationError):
                 error = Abort(f"arguments cannot be decoded: {error}")
