@@ -73,8 +73,9 @@ class WorkerSettings:
     poll_s: float = 2.0
     #: SQLite has no notifications: how often the worker looks at the write-ahead log.
     sqlite_check_s: float = 0.005
-    #: How often a worker with running jobs looks for cancel requests of them on SQLite
-    #: (PostgreSQL notifies at once, and looks on every heartbeat in case one was lost).
+    #: How often a worker with running jobs looks for cancel requests of them, on SQLite
+    #: and in workoff. A PostgreSQL worker is notified at once, and looks on every
+    #: heartbeat in case a notification was lost.
     cancel_check_s: float = 0.5
     #: While some jobs run, freed slots wait this long for others to free up, so that
     #: one claim fetches a batch (no longer than a round trip to the database).
