@@ -278,3 +278,32 @@ def test_cancel_from_another_process_stops_the_job_in_a_worker_process(
     assert time.monotonic() - began < 2.0
     assert runs(db, handle.id) == [(1, "cancelled")]
     assert log.lines("done") == []
+
+
+def test_reconnected_listener_still_hears_cancels(pg_db: Database) -> None:
+    started = threading.Event()
+
+    @job(name="t.cancel.reconnected")
+    async def slow() -> None:
+        started.set()
+        await anyio.sleep(60)
+
+    handle = slow.defer()
+    # Heartbeats every 10 s: only the notification can stop the job in time.
+    settings = WorkerSettings(heartbeat_s=10, lost_after_s=30, poll_s=60)
+    with BackgroundWorker(settings) as worker:
+        listener = worker.listener
+        assert listener is not None and listener.connected.wait(10)
+        assert started.wait(10)
+        with pg_db.engine.begin() as conn:
+            terminate = sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = :name"
+            )
+            assert conn.execute(terminate, {"name": listener.application_name}).all() == [(True,)]
+        wait_for(lambda: listener.connections >= 2 and listener.connected.is_set())
+
+        began = time.monotonic()
+        assert storage.job_cancel(pg_db, handle.id) == "requested"  # NOTIFY only
+        wait_for(lambda: get_row(pg_db, handle.id).status == "cancelled", timeout=10)
+        assert time.monotonic() - began < 2.0
