@@ -6,6 +6,7 @@
 >>> send_welcome.defer(user_id=5)  # doctest: +SKIP
 """
 
+from ._cancel import cancel, cancel_async
 from ._config import Settings, configure
 from ._defer import Deferrer, JobHandle
 from ._job import Job, job
@@ -14,6 +15,7 @@ from .context import JobContext
 from .errors import (
     DatabaseUnavailableError,
     JobDefinitionError,
+    JobNotFoundError,
     PayloadTooLargeError,
     SchemaMissingError,
     SerializationError,
@@ -23,15 +25,16 @@ from .hooks import after_failure, after_success, before_perform
 from .lifespan import WorkerStartupError, worker_lifespan
 from .migrations import downgrade, upgrade
 from .queries import JobRow, RunRow, get_job, get_runs
-from .results import JobCancelled, JobFailed, JobNotFound, handle
+from .results import JobCancelled, JobFailed, handle
 from .retention import Retention, prune, prune_async
-from .retry import Abort, Retry
+from .retry import Abort, Cancel, Retry, Snooze
 from .schedules import Schedule, periodic
 from .schema import metadata
 from .worker import Worker, WorkerSettings
 
 __all__ = [
     "Abort",
+    "Cancel",
     "DatabaseUnavailableError",
     "Deferrer",
     "Job",
@@ -40,7 +43,7 @@ __all__ = [
     "JobDefinitionError",
     "JobFailed",
     "JobHandle",
-    "JobNotFound",
+    "JobNotFoundError",
     "JobRow",
     "PayloadTooLargeError",
     "Retention",
@@ -50,6 +53,7 @@ __all__ = [
     "SchemaMissingError",
     "SerializationError",
     "Settings",
+    "Snooze",
     "TaskletError",
     "Worker",
     "WorkerSettings",
@@ -57,6 +61,8 @@ __all__ = [
     "after_failure",
     "after_success",
     "before_perform",
+    "cancel",
+    "cancel_async",
     "configure",
     "downgrade",
     "get_job",

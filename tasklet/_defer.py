@@ -12,7 +12,7 @@ import anyio.to_thread
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from . import _config, _wakeup, storage
+from . import _cancel, _config, _wakeup, storage
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -58,6 +58,14 @@ class JobHandle:
         from . import results
 
         return await results.wait_async(self.id, timeout, poll_s)
+
+    def cancel(self) -> bool:
+        """Cancel this job (see :func:`tasklet.cancel`); False if it had already ended."""
+        return _cancel.cancel(self.id)
+
+    async def cancel_async(self) -> bool:
+        """:meth:`cancel` without blocking the event loop."""
+        return await _cancel.cancel_async(self.id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,13 +21,16 @@ from . import _codec, hooks
 from ._job import Job
 from .context import JobContext
 from .errors import SerializationError
-from .retry import Abort, Step, next_step
+from .retry import Abort, Cancel, Snooze, Step, next_step
 from .storage import ClaimedJob, utcnow
 
 
 @dataclass(slots=True)
 class Outcome:
-    """How an attempt ended: ``succeeded``, ``failed``, ``timed_out`` or ``interrupted``."""
+    """How an attempt ended.
+
+    ``succeeded``, ``failed``, ``timed_out``, ``interrupted``, ``cancelled`` or ``snoozed``.
+    """
 
     kind: str
     started_at: dt.datetime
@@ -64,6 +67,12 @@ class Attempt:
     cancel: threading.Event | None = None
     #: Wakes the wait for a sync job's thread when the attempt is interrupted.
     stop_waiting: asyncio.Event | None = None
+    #: Someone cancelled the job (see :meth:`request_cancel`).
+    cancel_requested: bool = False
+    #: The task has begun the attempt: before that, cancelling it would skip its settling.
+    began: bool = False
+    #: The function has returned or raised: what is left (after hooks) is not cancelled.
+    settling: bool = False
 
     def context(self) -> JobContext:
         self.cancel = threading.Event()
@@ -79,6 +88,20 @@ class Attempt:
             _cancel=self.cancel,
         )
 
+    def request_cancel(self) -> None:
+        """Cancel the job: async jobs at their next ``await``, sync ones see ``ctx.cancelled``.
+
+        A sync job's thread is not abandoned: the attempt ends when the job
+        returns (``succeeded``) or raises (``cancelled``). Called on the loop.
+        """
+        if self.cancel_requested:
+            return
+        self.cancel_requested = True
+        if self.cancel is not None:
+            self.cancel.set()
+        if self.job.is_async and self.began and not self.settling and self.task is not None:
+            self.task.cancel()
+
     def interrupt(self) -> None:
         """Stop the attempt: async jobs are cancelled, sync ones see ``ctx.cancelled``."""
         if self.interrupted:
@@ -90,6 +113,17 @@ class Attempt:
             self.stop_waiting.set()
         elif self.task is not None:
             self.task.cancel()
+
+
+def _stop_error(attempt: Attempt) -> BaseException:
+    """Why an attempt's task was cancelled: a cancel request, or the worker's shutdown."""
+    if not attempt.cancel_requested:
+        return Interrupted()
+    # The cancel is caught and becomes the outcome: later awaits (hooks) must not see it.
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return Cancel("cancel requested while the job ran")
 
 
 class JobTimeout(Exception):
@@ -123,7 +157,10 @@ class Executor:
         ctx = attempt.context() if with_hooks or job.context_parameter else None
         started = utcnow()
         thread = None
+        attempt.began = True
         try:
+            if attempt.cancel_requested:  # between the claim and this task's first step
+                raise Cancel("cancelled before it started")
             arguments = job.decode(row.serializer, row.args, row.args_pickle)
             if ctx is not None and with_hooks:
                 await hooks.run_before(job.hooks, ctx)
@@ -133,9 +170,9 @@ class Executor:
             else:
                 result = await self._call_sync(job.func, args, kwargs, row.timeout, attempt)
         except asyncio.CancelledError:
-            if not attempt.interrupted:
+            if not (attempt.cancel_requested or attempt.interrupted):
                 raise
-            error: BaseException = Interrupted()
+            error: BaseException = _stop_error(attempt)
             kind = "interrupted"
         except _ThreadStillRunning as still:
             thread = still.thread
@@ -146,6 +183,7 @@ class Executor:
         except Exception as exc:
             error, kind = exc, "failed"
         else:
+            attempt.settling = True
             outcome = Outcome("succeeded", started, utcnow(), result=_codec.encode_result(result))
             if ctx is not None and with_hooks:
                 await hooks.run_after_success(job.hooks, ctx, result)
@@ -162,8 +200,14 @@ class Executor:
         thread: concurrent.futures.Future[Any] | None,
     ) -> Outcome:
         job, row = attempt.job, attempt.row
-        if kind == "interrupted":
+        attempt.settling = True
+        # A cancel wins over whatever the attempt did once it was asked to stop.
+        if attempt.cancel_requested or isinstance(error, Cancel):
+            kind, step = "cancelled", Step("cancelled")
+        elif kind == "interrupted":
             step = Step("queued")
+        elif isinstance(error, Snooze):
+            kind, step = "snoozed", Step("queued", error.seconds)
         else:
             if isinstance(error, SerializationError):
                 error = Abort(f"arguments cannot be decoded: {error}")
@@ -175,7 +219,9 @@ class Executor:
                 no_retry=job.no_retry,
             )
         outcome = Outcome(kind, started, utcnow(), step=step, error=error, thread=thread)
-        if kind != "interrupted" and ctx is not None and (job.hooks or hooks.GLOBAL):
+        # A shutdown or a snooze is neither the job's failure nor its end: no hook.
+        observed = kind not in ("interrupted", "snoozed")
+        if observed and ctx is not None and (job.hooks or hooks.GLOBAL):
             failed_ctx = dataclasses.replace(ctx, will_retry=step.will_retry)
             await hooks.run_after_failure(job.hooks, failed_ctx, error)
         return outcome

@@ -7,6 +7,10 @@
   worker checks that file's size and time every few milliseconds (a ``stat``,
   no query) and looks for jobs only when it changed.
 * In one process, a defer wakes that process's workers at once.
+* Control messages (``cancel:<job id>``) travel the same ways: a second
+  PostgreSQL channel (``<channel>_control``) that the same listener LISTENs
+  to, and in-process delivery to the workers of this process. SQLite workers
+  in other processes hear of them by looking (see tasklet._cancel).
 
 A NOTIFY costs PostgreSQL a global lock at commit, which would make it the
 larger part of a small enqueue. So a process that defers in bursts notifies at
@@ -32,9 +36,12 @@ HOT_CHECK_S = 0.010
 HOT_FOR_S = 1.0
 
 Wake = Callable[[str | None], None]
+#: Takes a control message, or None for "you may have missed some: look".
+Control = Callable[[str | None], None]
 
 _lock = threading.Lock()
 _local: dict[str, set[Wake]] = {}
+_local_control: dict[str, set[Control]] = {}
 
 
 def subscribe(key: str, wake: Wake) -> Callable[[], None]:
@@ -70,11 +77,43 @@ def publish(key: str, queues: Iterable[str]) -> None:
             wake(queue)
 
 
+def subscribe_control(key: str, control: Control) -> Callable[[], None]:
+    """Call ``control(message)`` for each control message this process sends to ``key``."""
+    with _lock:
+        _local_control.setdefault(key, set()).add(control)
+
+    def unsubscribe() -> None:
+        with _lock:
+            _local_control.get(key, set()).discard(control)
+
+    return unsubscribe
+
+
+def publish_control(key: str, message: str) -> None:
+    with _lock:
+        controls = list(_local_control.get(key, ()))
+    for control in controls:
+        control(message)
+
+
 class PostgresListener(threading.Thread):
-    """LISTENs on its own connection; calls ``wake(queue)`` for each notification."""
+    """LISTENs on its own connection; calls ``wake(queue)`` for each notification.
+
+    With ``control``, it also LISTENs on ``control_channel`` and calls
+    ``control(payload)`` for each message there, and ``control(None)`` after
+    each (re)connection, for the messages sent while it was not listening.
+    """
 
     def __init__(
-        self, conninfo: str, channel: str, wake: Wake, *, name: str, check_s: float = 1.0
+        self,
+        conninfo: str,
+        channel: str,
+        wake: Wake,
+        *,
+        name: str,
+        check_s: float = 1.0,
+        control_channel: str | None = None,
+        control: Control | None = None,
     ) -> None:
         super().__init__(name="tasklet-listener", daemon=True)
         #: Shown as the connection's application_name in pg_stat_activity.
@@ -83,6 +122,8 @@ class PostgresListener(threading.Thread):
         self._channel = channel
         self._wake = wake
         self._check_s = check_s
+        self._control_channel = control_channel if control is not None else None
+        self._control = control
         self._stop = threading.Event()
         self.connected = threading.Event()
         #: How many times the listener has connected (more than 1: it reconnected).
@@ -101,14 +142,21 @@ class PostgresListener(threading.Thread):
                     self._conninfo, autocommit=True, application_name=self.application_name
                 ) as conn:
                     conn.execute(f'LISTEN "{self._channel}"')
+                    if self._control_channel is not None:
+                        conn.execute(f'LISTEN "{self._control_channel}"')
                     self.connections += 1
                     self.connected.set()
                     retry_s = 0.1
                     # Whatever was sent while we were not listening.
                     self._wake(None)
+                    if self._control is not None:
+                        self._control(None)
                     while not self._stop.is_set():
                         for notice in conn.notifies(timeout=self._check_s):
-                            self._wake(notice.payload)
+                            if notice.channel == self._channel or self._control is None:
+                                self._wake(notice.payload)
+                            else:
+                                self._control(notice.payload)
             except Exception as exc:
                 self.connected.clear()
                 if self._stop.is_set():

@@ -54,10 +54,12 @@ class JobContext:
 
     @property
     def cancelled(self) -> bool:
-        """True once the worker wants this attempt to stop (timeout or shutdown).
+        """True once the worker wants this attempt to stop (timeout, shutdown, or a cancel).
 
         Async jobs are cancelled at their next ``await``; sync jobs cannot be
         interrupted from outside their thread, so a long sync job should check
-        this between steps and return early.
+        this between steps and stop. After :func:`tasklet.cancel`, stop by
+        raising (``raise tasklet.Cancel()``): the job ends ``cancelled``;
+        a job that returns normally instead has ``succeeded``.
         """
         return self._cancel is not None and self._cancel.is_set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "DatabaseUnavailableError",
     "JobDefinitionError",
+    "JobNotFoundError",
     "PayloadTooLargeError",
     "SchemaMissingError",
     "SerializationError",
@@ -18,6 +19,10 @@ class TaskletError(Exception):
 
 class JobDefinitionError(TaskletError):
     """A ``@job`` declaration is invalid (duplicate name, job in ``__main__``, bad option)."""
+
+
+class JobNotFoundError(TaskletError, LookupError):
+    """No job has this id: it was never created, or it was deleted."""
 
 
 class SerializationError(TaskletError, TypeError):

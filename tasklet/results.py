@@ -31,7 +31,7 @@ import anyio.to_thread
 
 from . import _codec, _config, _wakeup
 from ._database import Database
-from .errors import TaskletError
+from .errors import JobNotFoundError, TaskletError
 from .schema import TERMINAL_STATUSES
 from .storage._sql import done_channel, done_listener
 from .storage.outcomes import JobOutcome, job_outcome, jobs_finished, pg_jobs_finished
@@ -39,7 +39,7 @@ from .storage.outcomes import JobOutcome, job_outcome, jobs_finished, pg_jobs_fi
 if TYPE_CHECKING:
     from ._defer import JobHandle
 
-__all__ = ["JobCancelled", "JobFailed", "JobNotFound", "handle"]
+__all__ = ["JobCancelled", "JobFailed", "handle"]
 
 log = logging.getLogger("tasklet.results")
 
@@ -71,15 +71,11 @@ class JobCancelled(TaskletError):
         self.job_id = job_id
 
 
-class JobNotFound(TaskletError, LookupError):
-    """No such job: it was never created, or retention has deleted it."""
-
-    def __init__(self, job_id: int) -> None:
-        super().__init__(
-            f"job {job_id} is not in the jobs table: it never existed, or it finished "
-            "and retention deleted it (see Retention)"
-        )
-        self.job_id = job_id
+def _not_found(job_id: int) -> JobNotFoundError:
+    return JobNotFoundError(
+        f"job {job_id} is not in the jobs table: it never existed, or it finished "
+        "and retention deleted it (see Retention)"
+    )
 
 
 def handle(job_id: int) -> JobHandle:
@@ -91,7 +87,7 @@ def handle(job_id: int) -> JobHandle:
 
     row = storage.job_get(_config.database(), job_id)
     if row is None:
-        raise JobNotFound(job_id)
+        raise _not_found(job_id)
     return _defer.JobHandle(id=row.id, name=row.name)
 
 
@@ -109,7 +105,7 @@ def _deliver(job_id: int, outcome: JobOutcome) -> Any:
 def _check(db: Database, job_id: int) -> JobOutcome:
     outcome = job_outcome(db, job_id)
     if outcome is None:
-        raise JobNotFound(job_id)
+        raise _not_found(job_id)
     return outcome
 
 

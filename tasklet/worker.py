@@ -33,6 +33,7 @@ import anyio.to_thread
 from sqlalchemy import exc as sa_exc
 
 from . import _config, _registry, _scheduler, _wakeup, storage
+from ._cancel import CancelWatch
 from ._database import Database
 from ._executor import Attempt, Executor, Outcome
 from ._lifeline import Lifeline
@@ -75,6 +76,10 @@ class WorkerSettings:
     poll_s: float = 2.0
     #: SQLite has no notifications: how often the worker looks at the write-ahead log.
     sqlite_check_s: float = 0.005
+    #: How often a worker with running jobs looks for cancel requests of them, on SQLite
+    #: and in workoff. A PostgreSQL worker is notified at once, and looks on every
+    #: heartbeat in case a notification was lost.
+    cancel_check_s: float = 0.5
     #: While some jobs run, freed slots wait this long for others to free up, so that
     #: one claim fetches a batch (no longer than a round trip to the database).
     claim_window_s: float = 0.002
@@ -142,6 +147,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: The LISTEN thread of a PostgreSQL worker, while it runs.
         self.listener: _wakeup.PostgresListener | None = None
+        self._cancels: CancelWatch | None = None
         self._wake = anyio.Event()
         self._flushed = anyio.Event()
         self._pending_ready = anyio.Event()
@@ -194,6 +200,14 @@ class Worker:
         # Producers leave out notifications in bursts: stay watchful for a while.
         self._hot_until = anyio.current_time() + _wakeup.HOT_FOR_S
         self._on_wake(queue)
+
+    def _control_threadsafe(self, message: str | None) -> None:
+        """A control message (a cancel) from the listener or from this process."""
+        loop, cancels = self._loop, self._cancels
+        if loop is None or cancels is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has already closed
+            loop.call_soon_threadsafe(cancels.on_control, message)
 
     def _notify_threadsafe(self, queue: str | None) -> None:
         loop = self._loop
@@ -250,7 +264,14 @@ class Worker:
         await anyio.to_thread.run_sync(self.register)
         lifeline = Lifeline(self)
         listener = self.listener = self._listener() if not drain else None
+        self._cancels = CancelWatch(
+            db,
+            self.id,
+            self._attempts,
+            self.settings.heartbeat_s if listener is not None else self.settings.cancel_check_s,
+        )
         unsubscribe = _wakeup.subscribe(db.wake_key, self.wake_threadsafe)
+        unsubscribe_control = _wakeup.subscribe_control(db.wake_key, self._control_threadsafe)
         lifeline.start()
         scheduler = _scheduler.start(self) if not drain else None
         if listener is not None:
@@ -268,6 +289,7 @@ class Worker:
                 await self._serve(drain)
         finally:
             unsubscribe()
+            unsubscribe_control()
             lifeline.stop()
             if scheduler is not None:
                 scheduler.stop()
@@ -291,6 +313,8 @@ class Worker:
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._flush_loop)
+                if self._cancels is not None:
+                    group.start_soon(self._cancels.run)
                 if self.db.dialect == "sqlite" and not drain:
                     group.start_soon(self._watch_sqlite)
                 await self._claim_loop(Executor(threads), claimer, drain)
@@ -326,6 +350,8 @@ class Worker:
             db.notify_channel,
             self._notify_threadsafe,
             name=f"tasklet-listener {self.id}",
+            control_channel=storage.control_channel(db),
+            control=self._control_threadsafe,
         )
 
     async def _watch_sqlite(self) -> None:
@@ -472,7 +498,8 @@ class Worker:
         row = attempt.row
         step = outcome.step
         self.stats.outcomes[outcome.kind] += 1
-        interrupted = outcome.kind == "interrupted"
+        # Neither a shutdown nor a snooze uses an attempt, and neither is an error.
+        given_back = outcome.kind in ("interrupted", "snoozed")
         self._push(
             storage.Completion(
                 job_id=row.id,
@@ -484,9 +511,9 @@ class Worker:
                 started_at=outcome.started_at,
                 finished_at=outcome.finished_at,
                 delay_s=0.0 if step is None else step.delay_s,
-                refund=interrupted,
-                error=outcome.error_text,
-                traceback=None if interrupted else outcome.traceback_text,
+                refund=given_back,
+                error=None if outcome.kind == "snoozed" else outcome.error_text,
+                traceback=None if given_back else outcome.traceback_text,
                 result=outcome.result,
             )
         )
@@ -624,6 +651,10 @@ def _log_outcome(row: storage.ClaimedJob, outcome: Outcome, seconds: float) -> N
         log.info(
             "job %d %s attempt %d interrupted; back in the queue", row.id, row.name, row.attempts
         )
+    elif outcome.kind == "snoozed" and step is not None:
+        log.info("job %d %s snoozed; back in %.1fs", row.id, row.name, step.delay_s)
+    elif outcome.kind == "cancelled":
+        log.info("job %d %s cancelled in attempt %d", row.id, row.name, row.attempts)
     else:
         retry = step is not None and step.will_retry
         log.log(

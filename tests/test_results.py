@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 import tasklet
-from tasklet import JobCancelled, JobFailed, JobNotFound, job, results, storage
+from tasklet import JobCancelled, JobFailed, JobNotFoundError, job, results, storage
 from tasklet._database import Database
 from tasklet.schema import jobs
 from tasklet.storage._sql import done_channel, done_listener, stamp
@@ -134,7 +134,7 @@ def test_a_handle_is_rebuilt_from_an_id(db: Database) -> None:
 
 
 def test_a_job_that_does_not_exist_raises_job_not_found(db: Database) -> None:
-    with pytest.raises(JobNotFound, match="retention"):
+    with pytest.raises(JobNotFoundError, match="retention"):
         tasklet.handle(12345)
     with pytest.raises(LookupError):
         tasklet.JobHandle(id=12345, name="gone").result(timeout=1)
@@ -305,7 +305,7 @@ def test_a_job_deleted_while_awaited_raises_job_not_found(db: Database) -> None:
     storage.jobs_clear(db, queues=None)
     thread.join(20)
 
-    assert len(failure) == 1 and isinstance(failure[0], JobNotFound)
+    assert len(failure) == 1 and isinstance(failure[0], JobNotFoundError)
 
 
 @pytest.mark.anyio

@@ -10,9 +10,19 @@ once, synchronously; async callers run it in a worker thread.
 * ``unique``: enqueue jobs with unique keys;
 * ``schedules``: the ticks of recurring schedules;
 * ``workers``: register, heartbeat, unregister.
+* ``workers``: register, heartbeat, unregister;
+* ``control``: cancel, and the cancel requests a worker must act on.
 """
 
 from .attempts import Claimer, jobs_claim, jobs_finish, jobs_rescue
+from .control import (
+    CANCEL_PREFIX,
+    CancelResult,
+    cancel_payload,
+    control_channel,
+    job_cancel,
+    jobs_cancel_requested,
+)
 from .jobs import (
     job_get,
     job_runs_list,
@@ -32,6 +42,8 @@ from .unique import InsertedJob, jobs_insert_unique, jobs_insert_unique_async
 from .workers import worker_heartbeat, worker_register, worker_unregister
 
 __all__ = [
+    "CANCEL_PREFIX",
+    "CancelResult",
     "ClaimedJob",
     "Claimer",
     "Completion",
@@ -41,8 +53,12 @@ __all__ = [
     "QueueRow",
     "RunRow",
     "as_utc",
+    "cancel_payload",
+    "control_channel",
+    "job_cancel",
     "job_get",
     "job_runs_list",
+    "jobs_cancel_requested",
     "jobs_claim",
     "jobs_clear",
     "jobs_count",

@@ -209,6 +209,8 @@ _ALL_QUEUES = """queues(queue) AS (
       FROM queues WHERE queues.queue IS NOT NULL
 )"""
 
+# A job whose cancel was requested is never queued again: a would-be retry,
+# snooze or release of it ends it as cancelled (the attempt's run keeps its outcome).
 _PG_FINISH = """
 WITH given AS (
     SELECT * FROM json_to_recordset(%(batch)s::json) AS g(
@@ -218,10 +220,11 @@ WITH given AS (
 ),
 updated AS (
     UPDATE {jobs} AS j
-       SET status = g.status,
+       SET status = CASE WHEN g.status = 'queued' AND j.cancel_requested_at IS NOT NULL
+                         THEN 'cancelled' ELSE g.status END,
            run_at = CASE WHEN g.status = 'queued'
                          THEN now() + g.delay_s * interval '1 second' ELSE j.run_at END,
-           finished_at = CASE WHEN g.status IN ('succeeded', 'failed', 'cancelled')
+           finished_at = CASE WHEN g.status <> 'queued' OR j.cancel_requested_at IS NOT NULL
                               THEN g.finished_at END,
            locked_by = NULL,
            attempts = j.attempts - g.refund,
@@ -417,11 +420,15 @@ RETURNING id, name, queue, priority, serializer, args, args_pickle, attempts, ma
 
 SQLITE_FINISH = """
 UPDATE jobs
-   SET status = g.value ->> 'status',
+   SET status = CASE WHEN g.value ->> 'status' = 'queued'
+                          AND jobs.cancel_requested_at IS NOT NULL
+                     THEN 'cancelled' ELSE g.value ->> 'status' END,
        locked_by = NULL,
        last_error = g.value ->> 'error',
        attempts = jobs.attempts - (g.value ->> 'refund'),
-       finished_at = g.value ->> 'finished_at',
+       finished_at = CASE WHEN g.value ->> 'status' <> 'queued'
+                               OR jobs.cancel_requested_at IS NOT NULL
+                          THEN g.value ->> 'finished_at' END,
        run_at = coalesce(g.value ->> 'run_at', jobs.run_at)
   FROM json_each(:batch) AS g
  WHERE jobs.id = g.value ->> 'job_id' AND jobs.lease = g.value ->> 'lease'

@@ -32,8 +32,6 @@ from ._sql import (
 from .limited import LimitedClaims
 from .rows import ClaimedJob, Completion, JobRow, as_utc, sqlite_text, utcnow
 
-_TERMINAL = ("succeeded", "failed", "cancelled")
-
 
 class Claimer:
     """Claims jobs for one worker, on a connection it keeps (PostgreSQL) between claims.
@@ -246,7 +244,7 @@ def _sqlite_finish(db: Database, conn: Connection, completions: Sequence[Complet
             "status": c.status,
             "error": c.error,
             "refund": int(c.refund),
-            "finished_at": sqlite_text(c.finished_at) if c.status in _TERMINAL else None,
+            "finished_at": sqlite_text(c.finished_at),
             "run_at": sqlite_text(current + dt.timedelta(seconds=c.delay_s))
             if c.status == "queued"
             else None,
@@ -334,12 +332,14 @@ def jobs_rescue(
         if not lost:
             return []
         gives_up = sa.or_(jobs.c.lost_count + 1 >= max_lost, jobs.c.attempts >= jobs.c.max_attempts)
+        # A lost job whose cancel was requested is not run again: it ends cancelled.
+        cancelled = jobs.c.cancel_requested_at.is_not(None)
         rescue = (
             sa.update(jobs)
             .where(jobs.c.id.in_([j.id for j in lost]), jobs.c.status == "running")
             .values(
-                status=sa.case((gives_up, "failed"), else_="queued"),
-                finished_at=sa.case((gives_up, current)),
+                status=sa.case((cancelled, "cancelled"), (gives_up, "failed"), else_="queued"),
+                finished_at=sa.case((sa.or_(cancelled, gives_up), current)),
                 lost_count=jobs.c.lost_count + 1,
                 locked_by=None,
                 run_at=_spread(conn, spread_s),
