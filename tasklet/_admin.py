@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import _wakeup, storage
+from ._cancel import cancel_job
 from ._database import Database
 from .errors import TaskletError
 from .storage import admin
@@ -317,6 +318,20 @@ def jobs_retry(db: Database, args: argparse.Namespace) -> int:
     elif args.all_failed:
         print("tasklet: no failed jobs to retry")
     return code
+
+
+def jobs_cancel(db: Database, args: argparse.Namespace) -> int:
+    outcome = cancel_job(db, args.id)
+    if args.json:
+        _emit_json({"id": args.id, "outcome": outcome})
+        return 0 if outcome != "finished" else 1
+    messages = {
+        "cancelled": f"tasklet: job {args.id} cancelled; it will not run",
+        "requested": f"tasklet: job {args.id} is running; its worker was asked to stop it",
+        "finished": f"tasklet: job {args.id} had already ended; nothing changed",
+    }
+    print(messages[outcome], file=sys.stdout if outcome != "finished" else sys.stderr)
+    return 0 if outcome != "finished" else 1
 
 
 # ---------------------------------------------------------------- workers

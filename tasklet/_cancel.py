@@ -54,7 +54,15 @@ def cancel(job_id: int) -> bool:
         raise TypeError(
             f"cancel() takes a job id (an int, e.g. handle.id), not {type(job_id).__qualname__}"
         )
-    db = _config.database()
+    return cancel_job(_config.database(), job_id) != "finished"
+
+
+def cancel_job(db: Database, job_id: int) -> str:
+    """:func:`cancel` on ``db``, saying what became of the job.
+
+    ``"cancelled"`` (it had not started), ``"requested"`` (it runs and its worker
+    is told) or ``"finished"`` (it had ended; nothing changed).
+    """
     result = storage.job_cancel(db, job_id)
     if result == "missing":
         raise JobNotFoundError(
@@ -63,7 +71,7 @@ def cancel(job_id: int) -> bool:
     if result == "requested":
         # This process's own workers hear of it now, whatever the database.
         _wakeup.publish_control(db.wake_key, storage.cancel_payload(job_id))
-    return result != "finished"
+    return result
 
 
 async def cancel_async(job_id: int) -> bool:

@@ -35,6 +35,8 @@ def worker_options(args: argparse.Namespace) -> list[str]:
         options.append(f"--keep-{status}={format_duration(getattr(args, f'keep_{status}'))}")
     every = args.prune_every
     options.append(f"--prune-every={'never' if every is None else format_duration(every)}")
+    if not args.schedules:
+        options.append("--no-schedules")
     if args.log_level is not None:
         options.append(f"--log-level={args.log_level}")
     if args.metrics_port is not None:

@@ -136,7 +136,7 @@ def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]
             help=f"a worker silent this long is not alive (default {lost_after:g})",
         )
 
-    jobs = commands.add_parser("jobs", help="list, show and retry jobs")
+    jobs = commands.add_parser("jobs", help="list, show, retry and cancel jobs")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="COMMAND")
     listing = admin_command(jobs_commands, "list", "jobs, newest first")
     listing.set_defaults(handler=_admin.jobs_list)
@@ -159,7 +159,11 @@ def _admin_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     retry.add_argument(
         "-q", "--queue", action="append", metavar="QUEUE", help="with --all-failed (repeatable)"
     )
-    # `tasklet jobs cancel ID` plugs in here: admin_command(jobs_commands, "cancel", ...).
+    cancel = admin_command(
+        jobs_commands, "cancel", "a queued job never runs; a running one is asked to stop"
+    )
+    cancel.set_defaults(handler=_admin.jobs_cancel)
+    cancel.add_argument("id", type=int, metavar="ID")
 
 
 def _duration(text: str) -> dt.timedelta | None:
@@ -207,7 +211,8 @@ def _worker_arguments(parser: argparse.ArgumentParser, *, queues: bool = True) -
         dest="queues",
         metavar="QUEUE",
         # Under a supervisor the queues come from -n; -q is then refused with a message.
-        help="take jobs from this queue (repeatable; default: every queue)"
+        help="take jobs from this queue (repeatable; default: every queue); QUEUE=N gives "
+        "it N slots of its own, apart from --concurrency"
         if queues
         else argparse.SUPPRESS,
     )
@@ -280,13 +285,33 @@ def _worker_arguments(parser: argparse.ArgumentParser, *, queues: bool = True) -
     )
 
 
+def _queue_slots(given: list[str] | None) -> tuple[tuple[str, ...], dict[str, int]]:
+    """``-q email=4 -q default``: the queues, and those with slots of their own."""
+    queues: list[str] = []
+    slots: dict[str, int] = {}
+    for text in given or ():
+        queue, equals, count = text.rpartition("=")
+        if not equals:
+            queues.append(text)
+            continue
+        if not queue or not count.isdigit() or int(count) < 1:
+            raise TaskletError(
+                f"-q {text!r}: give a queue, or QUEUE=N with N slots of its own (e.g. email=4)"
+            )
+        queues.append(queue)
+        slots[queue] = int(count)
+    return tuple(queues), slots
+
+
 def _run_worker(args: argparse.Namespace) -> int:
     if args.command == "worker":
         logging.basicConfig(level=(args.log_level or "INFO").upper(), format=_progress.LOG_FORMAT)
     directory = Path.cwd()
     _discovery.import_modules(_discovery.configured_modules(directory, args.imports), directory)
+    queues, slots = _queue_slots(args.queues)
     settings = WorkerSettings(
-        queues=tuple(args.queues or ()),
+        queues=queues,
+        queue_slots=slots,
         concurrency=args.concurrency,
         grace_s=args.grace,
         poll_s=args.poll,

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -54,8 +54,11 @@ _DATABASE_ERRORS = (TaskletError, sa_exc.SQLAlchemyError)
 class WorkerSettings:
     """How a worker behaves. Every duration is in seconds."""
 
-    #: Queues to take jobs from; empty takes every queue.
+    #: Queues to take jobs from; empty takes every queue (unless ``queue_slots`` names some).
     queues: tuple[str, ...] = ()
+    #: Queues with slots of their own (``tasklet worker -q email=4``): a flood on one
+    #: cannot starve another. The other queues share ``concurrency`` slots.
+    queue_slots: Mapping[str, int] = field(default_factory=dict)
     #: Attempts run at once by this process: async jobs as tasks on the event loop, sync
     #: jobs in up to this many threads. A worker claims as many jobs as it has free
     #: slots, so a larger number also means larger claims (see the README).
@@ -94,6 +97,9 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        for queue, slots in self.queue_slots.items():
+            if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+                raise ValueError(f"queue {queue!r} needs at least 1 slot, not {slots!r}")
         if self.heartbeat_s * 3 > self.lost_after_s:
             raise ValueError(
                 "heartbeat_s must be at most a third of lost_after_s, or a busy "
@@ -120,6 +126,45 @@ class WorkerStats:
         return sum(self.outcomes.values())
 
 
+@dataclass(eq=False)
+class _Lane:
+    """Queues that share a number of slots, with a claim loop of their own."""
+
+    #: None: every queue.
+    queues: tuple[str, ...] | None
+    concurrency: int
+    in_flight: int = 0
+    maybe_due: bool = True
+    next_due: float | None = None
+    wake: anyio.Event = field(default_factory=anyio.Event)
+
+    def takes(self, queue: str | None) -> bool:
+        return queue is None or self.queues is None or queue in self.queues
+
+    @property
+    def free(self) -> int:
+        return self.concurrency - self.in_flight
+
+    @property
+    def resting(self) -> bool:
+        return not self.maybe_due and self.in_flight == 0
+
+    def notify(self) -> None:
+        self.wake.set()
+
+    async def wait(self) -> None:
+        await self.wake.wait()
+        self.wake = anyio.Event()
+
+
+def _lanes(settings: WorkerSettings) -> list[_Lane]:
+    lanes = [_Lane((queue,), slots) for queue, slots in settings.queue_slots.items()]
+    shared = tuple(q for q in settings.queues if q not in settings.queue_slots)
+    if shared or not lanes:
+        lanes.append(_Lane(shared or None, settings.concurrency))
+    return lanes
+
+
 class Worker:
     """Runs the jobs registered in this process. See :class:`WorkerSettings`."""
 
@@ -130,17 +175,22 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stats = WorkerStats()
         self._db = database
-        self.queue_filter = self.settings.queues or None
+        self._lanes = _lanes(self.settings)
+        #: Every queue this worker takes, or None for all of them.
+        self.queue_filter: tuple[str, ...] | None = (
+            None
+            if any(lane.queues is None for lane in self._lanes)
+            else tuple(q for lane in self._lanes for q in lane.queues or ())
+        )
+        #: Attempts at once across the lanes (and job threads at most).
+        self.concurrency = sum(lane.concurrency for lane in self._lanes)
         self.job_names: list[str] = []
         #: Whether some job type here has a concurrency limit (then claims take those too).
         self.limited = False
         self._limited_ids: set[int] = set()  # running jobs under a concurrency limit
-        self._in_flight = 0
         self._attempts: dict[int, Attempt] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: list[storage.Completion] = []
-        self._maybe_due = True
-        self._next_due: float | None = None
         self._hot_until = 0.0
         self._stopping = False
         self._force = False
@@ -183,6 +233,8 @@ class Worker:
             for attempt in self._attempts.values():
                 attempt.interrupt()
         self._wake.set()
+        for lane in self._lanes:
+            lane.notify()
 
     def wake_threadsafe(self, queue: str | None) -> None:
         loop = self._loop
@@ -192,9 +244,10 @@ class Worker:
             loop.call_soon_threadsafe(self._on_wake, queue)
 
     def _on_wake(self, queue: str | None) -> None:
-        if queue is None or self.queue_filter is None or queue in self.queue_filter:
-            self._maybe_due = True
-            self._wake.set()
+        for lane in self._lanes:
+            if lane.takes(queue):
+                lane.maybe_due = True
+                lane.notify()
 
     def _on_notify(self, queue: str | None) -> None:
         # Producers leave out notifications in bursts: stay watchful for a while.
@@ -277,10 +330,12 @@ class Worker:
         if listener is not None:
             listener.start()
         log.info(
-            "worker %s started: queues %s, concurrency %d, jobs %s",
+            "worker %s started: queues %s, jobs %s",
             self.id,
-            ", ".join(self.settings.queues) or "(all)",
-            self.settings.concurrency,
+            "; ".join(
+                f"{', '.join(lane.queues or ('(all)',))} ({lane.concurrency} slots)"
+                for lane in self._lanes
+            ),
             ", ".join(self.job_names) or "(none)",
         )
         self.started.set()
@@ -301,15 +356,10 @@ class Worker:
 
     async def _serve(self, drain: bool) -> None:
         threads = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.settings.concurrency, thread_name_prefix="tasklet-job"
+            max_workers=self.concurrency, thread_name_prefix="tasklet-job"
         )
-        claimer = storage.Claimer(
-            self.db,
-            worker_id=self.id,
-            queues=self.queue_filter,
-            names=self.job_names,
-            limited=self.limited,
-        )
+        executor = Executor(threads)
+        claimers: list[storage.Claimer] = []
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._flush_loop)
@@ -317,11 +367,22 @@ class Worker:
                     group.start_soon(self._cancels.run)
                 if self.db.dialect == "sqlite" and not drain:
                     group.start_soon(self._watch_sqlite)
-                await self._claim_loop(Executor(threads), claimer, drain)
+                async with anyio.create_task_group() as lanes:
+                    for lane in self._lanes:
+                        claimer = storage.Claimer(
+                            self.db,
+                            worker_id=self.id,
+                            queues=lane.queues,
+                            names=self.job_names,
+                            limited=self.limited,
+                        )
+                        claimers.append(claimer)
+                        lanes.start_soon(self._claim_loop, executor, claimer, lane, drain)
                 await self._wind_down()
                 group.cancel_scope.cancel()
         finally:
-            await anyio.to_thread.run_sync(claimer.close)
+            for claimer in claimers:
+                await anyio.to_thread.run_sync(claimer.close)
             # Threads of jobs that outlived the grace period are left to finish alone.
             threads.shutdown(wait=False)
 
@@ -331,8 +392,8 @@ class Worker:
             worker_id=self.id,
             host=socket.gethostname(),
             pid=os.getpid(),
-            queues=self.settings.queues,
-            concurrency=self.settings.concurrency,
+            queues=self.queue_filter or (),
+            concurrency=self.concurrency,
         )
 
     def _unregister(self) -> None:
@@ -361,105 +422,104 @@ class Worker:
         watcher = _wakeup.SqliteWatcher(path)
         while True:
             await anyio.sleep(self.settings.sqlite_check_s)
-            if watcher.changed() and not self._maybe_due:
+            if watcher.changed():
                 self._on_wake(None)
 
     # ------------------------------------------------------------ claim loop
 
-    async def _claim_loop(self, executor: Executor, claimer: storage.Claimer, drain: bool) -> None:
+    async def _claim_loop(
+        self, executor: Executor, claimer: storage.Claimer, lane: _Lane, drain: bool
+    ) -> None:
         # Claim in batches: when a few slots free up while others are busy, give the
         # others a moment (up to a quarter of the slots) so one round trip fetches
         # many jobs, while the rest still run; measured best of halves, quarters, eighths.
-        batch = max(1, self.settings.concurrency // 4)
+        batch = max(1, lane.concurrency // 4)
         while not self._stopping:
-            free = self.settings.concurrency - self._in_flight
-            if free > 0 and self._maybe_due:
-                if free < batch and self._in_flight > 0:
-                    await self._gather_slots(batch)
-                free = self.settings.concurrency - self._in_flight
-                await self._claim(executor, claimer, free, drain)
+            if lane.free > 0 and lane.maybe_due:
+                if lane.free < batch and lane.in_flight > 0:
+                    await self._gather_slots(lane, batch)
+                await self._claim(executor, claimer, lane, drain)
                 continue
-            if drain and not self._maybe_due and self._in_flight == 0:
+            if drain and lane.resting:
                 await self._flush_all()
-                if not self._maybe_due:
+                if not lane.maybe_due:
                     return
                 continue
-            await self._idle()
+            await self._idle(lane)
 
-    async def _gather_slots(self, wanted: int) -> None:
+    async def _gather_slots(self, lane: _Lane, wanted: int) -> None:
         """Wait up to ``claim_window_s`` for ``wanted`` free slots (a batch to claim)."""
         with anyio.move_on_after(self.settings.claim_window_s):
-            while self.settings.concurrency - self._in_flight < wanted and not self._stopping:
-                await self._wake.wait()
-                self._wake = anyio.Event()
+            while lane.free < wanted and not self._stopping:
+                await lane.wait()
 
     async def _claim(
-        self, executor: Executor, claimer: storage.Claimer, free: int, drain: bool
+        self, executor: Executor, claimer: storage.Claimer, lane: _Lane, drain: bool
     ) -> None:
+        free = lane.free
         try:
             rows = await anyio.to_thread.run_sync(claimer.claim, free)
         except _DATABASE_ERRORS as exc:
             if drain:
                 raise
             log.warning("could not claim jobs (%s); trying again in %gs", exc, self.settings.poll_s)
-            self._maybe_due = False
-            self._next_due = None
+            lane.maybe_due = False
+            lane.next_due = None
             return
         for row in rows:
-            self._start(executor, row)
+            self._start(executor, row, lane)
         if claimer.limited:
             self._limited_ids.update(claimer.limited_ids)
         if len(rows) < free:
             # Nothing more is due now: sleep until the next scheduled job, or a wake-up.
-            self._maybe_due = False
-            due_in = await anyio.to_thread.run_sync(self._due_in)
+            lane.maybe_due = False
+            due_in = await anyio.to_thread.run_sync(self._due_in, lane.queues)
             if claimer.limited and claimer.retry_soon:
                 # Keys held by another claimer, or not reached yet: look again in a moment.
                 due_in = _wakeup.HOT_CHECK_S if due_in is None else min(due_in, _wakeup.HOT_CHECK_S)
-            self._next_due = None if due_in is None else anyio.current_time() + due_in
+            lane.next_due = None if due_in is None else anyio.current_time() + due_in
 
-    def _due_in(self) -> float | None:
-        """Seconds until the next queued job of this worker's is due (None: none queued)."""
+    def _due_in(self, queues: tuple[str, ...] | None) -> float | None:
+        """Seconds until the next queued job of these queues is due (None: none queued)."""
         due = storage.jobs_next_due(
-            self.db, queues=self.queue_filter, names=self.job_names, limited=self.limited
+            self.db, queues=queues, names=self.job_names, limited=self.limited
         )
         return None if due is None else (due - storage.utcnow()).total_seconds()
 
-    async def _idle(self) -> None:
+    async def _idle(self, lane: _Lane) -> None:
         now = anyio.current_time()
         timeout = self.settings.poll_s
         if self._hot_until > now:
             timeout = min(timeout, _wakeup.HOT_CHECK_S)
-        if self._next_due is not None and not self._maybe_due:
-            timeout = max(0.0, min(timeout, self._next_due - now))
-        if not self._maybe_due and self._in_flight == 0:
+        if lane.next_due is not None and not lane.maybe_due:
+            timeout = max(0.0, min(timeout, lane.next_due - now))
+        if all(other.resting for other in self._lanes):
             self.idle.set()
         with anyio.move_on_after(timeout) as waited:
-            await self._wake.wait()
+            await lane.wait()
         self.idle.clear()
-        self._wake = anyio.Event()
         if waited.cancelled_caught:
-            self._maybe_due = True
+            lane.maybe_due = True
 
     # --------------------------------------------------------------- attempts
 
-    def _start(self, executor: Executor, row: storage.ClaimedJob) -> None:
+    def _start(self, executor: Executor, row: storage.ClaimedJob, lane: _Lane) -> None:
         job = _registry.get(row.name)
         if job is None:  # unregistered since the claim began: give it back untouched
             self._settle_released(row)
             return
         attempt = Attempt(row=row, job=job, worker_id=self.id)
-        self._in_flight += 1
+        lane.in_flight += 1
         self._attempts[row.id] = attempt
         # A plain asyncio task: this is the per-job hot path, and interrupting
         # an attempt is cancelling its task.
         task = attempt.task = asyncio.get_running_loop().create_task(
-            self._run_attempt(executor, attempt)
+            self._run_attempt(executor, attempt, lane)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run_attempt(self, executor: Executor, attempt: Attempt) -> None:
+    async def _run_attempt(self, executor: Executor, attempt: Attempt, lane: _Lane) -> None:
         row = attempt.row
         logging_info = log.isEnabledFor(logging.INFO)
         if logging_info:
@@ -484,7 +544,8 @@ class Worker:
                     await asyncio.wrap_future(outcome.thread)
         finally:
             self._attempts.pop(row.id, None)
-            self._in_flight -= 1
+            lane.in_flight -= 1
+            lane.notify()
             self._wake.set()
 
     def _observe(self, event: str, *args: Any) -> None:

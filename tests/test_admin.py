@@ -472,3 +472,44 @@ def test_admin_commands_need_the_tables_and_say_so(empty_backend: Backend) -> No
 
     assert result.returncode == 1
     assert "tasklet migrate" in result.stderr
+
+
+# ------------------------------------------------------------------ cancel
+
+
+def test_cancel_of_a_queued_job_means_it_never_runs(db: Database, backend: Backend) -> None:
+    [queued] = add(db)
+
+    result = cli(backend, "jobs", "cancel", str(queued))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"tasklet: job {queued} cancelled; it will not run\n"
+    assert get_row(db, queued).status == "cancelled"
+
+
+def test_cancel_of_a_running_job_asks_its_worker_to_stop_it(db: Database, backend: Backend) -> None:
+    add(db)
+    [running] = [j.id for j in claim(db)]
+
+    document = cli_json(backend, "jobs", "cancel", str(running))
+
+    assert document == {"id": running, "outcome": "requested"}
+    row = get_row(db, running)
+    assert (row.status, row.cancel_requested_at is not None) == ("running", True)
+
+
+def test_cancel_of_a_finished_or_missing_job_changes_nothing_and_says_so(
+    db: Database, backend: Backend
+) -> None:
+    add(db)
+    claimed = claim(db)
+    end(db, claimed, "succeeded")
+
+    finished = cli(backend, "jobs", "cancel", str(claimed[0].id))
+    missing = cli(backend, "jobs", "cancel", "424242")
+
+    assert finished.returncode == 1
+    assert finished.stderr == f"tasklet: job {claimed[0].id} had already ended; nothing changed\n"
+    assert get_row(db, claimed[0].id).status == "succeeded"
+    assert missing.returncode == 1
+    assert "no job with id 424242" in missing.stderr
