@@ -36,7 +36,8 @@ def test_a_job_that_kills_its_worker_is_failed_and_the_others_complete_once(
             "succeeded": GOOD,
             "failed": 1,
         }:
-            time.sleep(0.05)  # a supervisor's watch loop; the deadline above bounds it
+            assert time.monotonic() < deadline, storage.jobs_count(db)
+            time.sleep(0.05)  # a supervisor's watch loop; the deadline bounds it
         crashes += worker.poll() is not None
 
     row = storage.job_get(db, poison.id)
