@@ -47,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     clear = commands.add_parser("clear", help="delete queued jobs (running and finished ones stay)")
     clear.add_argument("-q", "--queue", action="append", dest="queues", metavar="QUEUE")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    dashboard = commands.add_parser(
+        "dashboard", help="serve the web dashboard (credentials: $TASKLET_DASHBOARD_USER/PASSWORD)"
+    )
+    dashboard.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")
+    dashboard.add_argument("--port", type=int, default=8080, help="default 8080")
+    dashboard.add_argument("--user", help="user name (default: $TASKLET_DASHBOARD_USER)")
     return parser
 
 
@@ -137,6 +144,16 @@ def _clear(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    try:
+        from .dashboard import serve
+    except ImportError as error:
+        raise TaskletError("the dashboard needs: pip install 'tasklet[dashboard]'") from error
+    _open_database()
+    serve(args.host, args.port, username=args.user)
+    return 0
+
+
 def _where(db: Database) -> str:
     return db.display_url if db.schema is None else f"{db.display_url} (schema {db.schema})"
 
@@ -204,7 +221,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configured = args.database_url is not None or args.schema is not None
     if configured:
         _config.configure(args.database_url, schema=args.schema)
-    commands = {"migrate": _migrate, "worker": _run_worker, "workoff": _run_worker, "clear": _clear}
+    commands = {
+        "migrate": _migrate,
+        "worker": _run_worker,
+        "workoff": _run_worker,
+        "clear": _clear,
+        "dashboard": _dashboard,
+    }
     try:
         return commands[args.command](args)
     except (TaskletError, CommandError, exc.DBAPIError) as error:
