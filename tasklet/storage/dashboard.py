@@ -177,11 +177,23 @@ def dashboard_throughput(db: Database, *, buckets: int, bucket: dt.timedelta) ->
 
 
 def _status_filter(conn: Connection, status: str) -> sa.ColumnElement[bool]:
-    if status == "queued":
-        return sa.and_(jobs.c.status == "queued", jobs.c.run_at <= now(conn))
-    if status == "scheduled":
-        return sa.and_(jobs.c.status == "queued", jobs.c.run_at > now(conn))
-    return jobs.c.status == status
+    """The filter, spelled so PostgreSQL can use the partial indexes that hold those jobs."""
+    if status in ("queued", "scheduled"):
+        due = jobs.c.run_at <= now(conn) if status == "queued" else jobs.c.run_at > now(conn)
+        # Queued jobs live in two partial indexes (claim, limited claim): one arm for each.
+        return sa.or_(
+            *(
+                sa.and_(jobs.c.status == "queued", condition, due)
+                for condition in (
+                    jobs.c.concurrency_key.is_(None),
+                    jobs.c.concurrency_key.is_not(None),
+                )
+            )
+        )
+    if status == "running":
+        return jobs.c.status == "running"  # ix_jobs_locked_by
+    # Always true of finished jobs (a CHECK); it lets ix_jobs_status_finished_at serve them.
+    return sa.and_(jobs.c.status == status, jobs.c.finished_at.is_not(None))
 
 
 _SUMMARY_COLUMNS = (
