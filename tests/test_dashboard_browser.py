@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import uvicorn
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Dialog, Page, expect, sync_playwright
 from starlette.types import ASGIApp
 
 from tasklet import JobContext, job
@@ -157,7 +157,12 @@ def test_an_operator_filters_to_a_failed_job_retries_it_and_sees_it_succeed(
         )
         page = context.new_page()
         dialogs: list[str] = []
-        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+        def on_dialog(dialog: Dialog) -> None:
+            dialogs.append(dialog.message)
+            dialog.dismiss()
+
+        page.on("dialog", on_dialog)
         page.goto("/login")  # the browser signs in and lands on the overview
 
         queues = page.locator("#queues")
