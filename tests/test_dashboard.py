@@ -97,6 +97,13 @@ def test_a_jobs_page_refuses_an_unknown_status(app: Starlette) -> None:
     assert "status must be one of queued, scheduled" in response.text
 
 
+def test_a_jobs_page_refuses_a_cursor_that_is_not_a_job_id(app: Starlette) -> None:
+    for cursor in ("abc", "-1", str(2**63)):
+        response = client(app).get("/jobs", params={"before": cursor})
+        assert response.status_code == 400
+        assert "before must be a job id" in response.text
+
+
 def test_a_job_page_shows_its_arguments_and_every_run(app: Starlette, failed: JobHandle) -> None:
     page = client(app).get(f"/jobs/{failed.id}")
 

@@ -102,7 +102,7 @@ def _optional_id(request: Request, key: str) -> int | None:
     value = _optional(request, key)
     if value is None:
         return None
-    if not value.isdigit():
+    if not value.isdigit() or int(value) >= 2**63:
         raise HTTPException(400, f"{key} must be a job id")
     return int(value)
 
@@ -171,14 +171,11 @@ class _Dashboard:
             "status": status,
             "name": _optional(request, "name"),
         }
+        before, after = _optional_id(request, "before"), _optional_id(request, "after")
         db = _config.database()
         page = await run_in_threadpool(
             lambda: store.dashboard_jobs_page(
-                db,
-                **filters,
-                before=_optional_id(request, "before"),
-                after=_optional_id(request, "after"),
-                limit=PAGE_SIZE,
+                db, **filters, before=before, after=after, limit=PAGE_SIZE
             )
         )
         queues = await run_in_threadpool(store.dashboard_queues, db, window=SUCCEEDED_WINDOW)
