@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import httpx2 as httpx
 import pytest
@@ -118,6 +119,16 @@ def test_job_arguments_and_errors_are_escaped(app: Starlette, failed: JobHandle)
 
     assert "<script>alert" not in page
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page
+
+
+def test_pickled_arguments_are_never_unpickled_for_display(app: Starlette) -> None:
+    @job(name="dash.pickled", serializer="pickle")
+    def pickled(value: Any) -> None: ...
+
+    handle = pickled.defer(value=complex(1, 2))
+
+    page = client(app).get(f"/jobs/{handle.id}").text
+    assert "pickled with cloudpickle" in page and "not shown" in page
 
 
 def test_an_unknown_job_is_not_found(app: Starlette) -> None:
