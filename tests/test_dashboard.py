@@ -263,6 +263,19 @@ def test_a_post_from_another_site_is_refused_even_with_the_token(
     assert get_row(db, failed.id).status == "failed"
 
 
+def test_behind_a_proxy_the_forwarded_host_is_the_dashboards_origin(
+    app: Starlette, failed: JobHandle, db: Database
+) -> None:
+    web = client(app)
+    csrf = token(web.get(f"/jobs/{failed.id}"))
+    headers = {"origin": "https://jobs.example.com", "x-forwarded-host": "jobs.example.com"}
+
+    response = web.post(f"/jobs/{failed.id}/retry", data={"csrf_token": csrf}, headers=headers)
+
+    assert response.status_code == 303
+    assert get_row(db, failed.id).status == "queued"
+
+
 # ------------------------------------------------------------------ actions
 
 

@@ -97,7 +97,9 @@ def _cross_site(headers: Headers) -> bool:
     origin = headers.get("origin")
     if origin is None:
         return False
-    return origin == "null" or urlsplit(origin).netloc != headers.get("host")
+    # A proxy may rewrite Host; a page on another site cannot set X-Forwarded-Host.
+    hosts = {headers.get("host"), headers.get("x-forwarded-host", "").split(",")[0].strip()}
+    return origin == "null" or urlsplit(origin).netloc not in hosts - {None, ""}
 
 
 class Guard:
