@@ -1,6 +1,7 @@
 """The dashboard in a real headless Chromium, served by uvicorn, with a worker running.
 
-An operator opens the overview, filters the jobs down to a failed one, opens
+An operator opens the overview, pauses and resumes a queue, filters the jobs
+down to a failed one, opens
 it, presses retry and watches it succeed; markup in a job's arguments and error
 shows as text and never runs. Screenshots go to tmp_path, or to docs/images/
 for the README with TASKLET_UPDATE_SCREENSHOTS=1.
@@ -171,6 +172,13 @@ def test_an_operator_filters_to_a_failed_job_retries_it_and_sees_it_succeed(
         expect(page.locator(".legend")).to_contain_text("email")
         expect(page.locator(".user")).to_have_text(USER)
         _screenshot(page, tmp_path, "dashboard.png")
+
+        email = page.locator("#queues tr", has_text="email")
+        email.get_by_role("button", name="Pause").click()
+        expect(page.locator(".notice")).to_contain_text("The queue is paused")
+        expect(email.locator(".badge")).to_have_text("paused")
+        email.get_by_role("button", name="Resume").click()
+        expect(email.locator(".badge")).to_have_text("active")
 
         page.get_by_role("link", name="Jobs", exact=True).click()
         page.select_option("select[name=queue]", "reports")
