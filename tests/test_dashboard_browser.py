@@ -2,8 +2,8 @@
 
 An operator opens the overview, pauses and resumes a queue, filters the jobs
 down to a failed one, opens it, presses retry and watches it succeed; markup in
-a job's arguments and error shows as text and never runs. Screenshots go to tmp_path, or to docs/images/
-for the README with TASKLET_UPDATE_SCREENSHOTS=1.
+a job's arguments and error shows as text and never runs. Screenshots go to
+tmp_path, or to docs/images/ for the README with TASKLET_UPDATE_SCREENSHOTS=1.
 """
 
 from __future__ import annotations

@@ -220,49 +220,42 @@ class _Dashboard:
         # The guard has already asked for and checked the credentials.
         return RedirectResponse(_base(request) + "/", 303)
 
-    async def _act(self, request: Request, action: Callable[[], str], back: str) -> Response:
-        await read_form(request, self.secret)
+    async def _act(
+        self, request: Request, action: Callable[[dict[str, str]], str], back: str
+    ) -> Response:
+        """Check the form, run the action, and show ``back`` with the notice it names."""
+        form = await read_form(request, self.secret)
         try:
-            notice = await run_in_threadpool(action)
+            notice = await run_in_threadpool(action, form)
         except TaskletError as error:
             return self.render(request, "error.html", status_code=409, message=str(error))
-        base = _base(request)
-        return RedirectResponse(f"{base}{back}?notice={notice}", status_code=303)
+        return RedirectResponse(f"{_base(request)}{back}?notice={notice}", status_code=303)
 
     async def retry(self, request: Request) -> Response:
         job_id: int = request.path_params["job_id"]
 
-        def action() -> str:
+        def retry(_: dict[str, str]) -> str:
             return "retried" if _control.retry_job(job_id) else "not_retryable"
 
-        return await self._act(request, action, f"/jobs/{job_id}")
+        return await self._act(request, retry, f"/jobs/{job_id}")
 
     async def cancel(self, request: Request) -> Response:
         job_id: int = request.path_params["job_id"]
-        return await self._act(request, lambda: _control.cancel_job(job_id), f"/jobs/{job_id}")
+        return await self._act(request, lambda _: _control.cancel_job(job_id), f"/jobs/{job_id}")
 
     async def pause(self, request: Request) -> Response:
-        return await self._queue_action(request, pause=True)
+        def pause(form: dict[str, str]) -> str:
+            _control.pause_queue(_queue(form))
+            return "paused"
+
+        return await self._act(request, pause, "/")
 
     async def resume(self, request: Request) -> Response:
-        return await self._queue_action(request, pause=False)
-
-    async def _queue_action(self, request: Request, *, pause: bool) -> Response:
-        form = await read_form(request, self.secret)
-        queue = form.get("queue", "")
-        if not queue:
-            raise HTTPException(400, "name the queue to pause or resume")
-
-        def action() -> str:
-            if pause:
-                _control.pause_queue(queue)
-                return "paused"
-            _control.resume_queue(queue)
+        def resume(form: dict[str, str]) -> str:
+            _control.resume_queue(_queue(form))
             return "resumed"
 
-        notice = await run_in_threadpool(action)
-        base = _base(request)
-        return RedirectResponse(f"{base}/?notice={notice}", status_code=303)
+        return await self._act(request, resume, "/")
 
     async def http_error(self, request: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
@@ -272,6 +265,13 @@ class _Dashboard:
 
     async def tasklet_error(self, request: Request, error: Exception) -> Response:
         return self.render(request, "error.html", status_code=503, message=str(error))
+
+
+def _queue(form: dict[str, str]) -> str:
+    queue = form.get("queue", "")
+    if not queue:
+        raise HTTPException(400, "name the queue to pause or resume")
+    return queue
 
 
 def _base(request: Request) -> str:
