@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
         default=Retention().batch_size,
         help=f"jobs deleted per statement (default {Retention().batch_size})",
     )
+
+    dashboard = commands.add_parser(
+        "dashboard", help="serve the web dashboard (credentials: $TASKLET_DASHBOARD_USER/PASSWORD)"
+    )
+    dashboard.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine)")
+    dashboard.add_argument("--port", type=int, default=8080, help="default 8080")
+    dashboard.add_argument("--user", help="user name (default: $TASKLET_DASHBOARD_USER)")
     return parser
 
 
@@ -399,6 +406,16 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    try:
+        from .dashboard import serve
+    except ImportError as error:
+        raise TaskletError("the dashboard needs: pip install 'tasklet[dashboard]'") from error
+    _open_database()
+    serve(args.host, args.port, username=args.user)
+    return 0
+
+
 def _where(db: Database) -> str:
     return db.display_url if db.schema is None else f"{db.display_url} (schema {db.schema})"
 
@@ -473,6 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "clear": _clear,
         "queue": _queue,
         "prune": _prune,
+        "dashboard": _dashboard,
     }
     try:
         handler = getattr(args, "handler", None)
