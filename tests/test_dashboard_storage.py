@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+import tasklet
 from tasklet import storage
 from tasklet._database import Database
+from tasklet.dashboard import _control
 from tasklet.errors import TaskletError
 from tasklet.schema import jobs
 from tasklet.storage import Completion, NewJob, utcnow
@@ -115,8 +117,8 @@ def test_succeeded_jobs_finished_before_the_window_are_not_counted(db: Database)
 
 
 def test_a_paused_queue_is_listed_with_its_pause_time_even_when_empty(db: Database) -> None:
-    store.queue_pause(db, "idle")
-    store.queue_pause(db, "idle")  # a second pause changes nothing
+    tasklet.pause_queue("idle")
+    tasklet.pause_queue("idle")  # a second pause changes nothing
 
     (queue,) = store.dashboard_queues(db, window=DAY)
     assert (queue.queue, queue.queued) == ("idle", 0)
@@ -126,8 +128,8 @@ def test_a_paused_queue_is_listed_with_its_pause_time_even_when_empty(db: Databa
 
 def test_resume_removes_the_pause(db: Database) -> None:
     _insert(db, 1, queue="mail")
-    store.queue_pause(db, "mail")
-    store.queue_resume(db, "mail")
+    tasklet.pause_queue("mail")
+    tasklet.resume_queue("mail")
 
     assert [q.paused_at for q in store.dashboard_queues(db, window=DAY)] == [None]
 
@@ -206,7 +208,7 @@ def test_retry_puts_a_failed_job_back_due_now_with_one_more_attempt(db: Database
     (job_id,) = _insert(db, 1, name="d.bad", max_attempts=1)
     _run(db, ["d.bad"], "failed")
 
-    assert store.job_retry(db, job_id) is True
+    assert _control.retry_job(job_id) is True
 
     row = get_row(db, job_id)
     assert (row.status, row.attempts, row.max_attempts, row.finished_at) == ("queued", 1, 2, None)
@@ -217,39 +219,38 @@ def test_retry_puts_a_failed_job_back_due_now_with_one_more_attempt(db: Database
 def test_retry_leaves_jobs_that_are_not_failed_or_cancelled_alone(db: Database) -> None:
     (queued,) = _insert(db, 1, delay_s=600)
 
-    assert store.job_retry(db, queued) is False
+    assert _control.retry_job(queued) is False
     assert get_row(db, queued).run_at > utcnow()
 
 
 def test_retry_of_a_job_whose_unique_key_is_taken_says_why(db: Database) -> None:
     (first,) = _insert(db, 1, name="d.bad", unique_key="report-7")
-    store.job_cancel_queued(db, first)
+    assert _control.cancel_job(first) == "cancelled"
     _insert(db, 1, unique_key="report-7")
 
-    with pytest.raises(TaskletError, match="another job with its unique key is queued or running"):
-        store.job_retry(db, first)
+    with pytest.raises(TaskletError, match="unique key is held by a queued or running job"):
+        _control.retry_job(first)
     assert get_row(db, first).status == "cancelled"
 
 
 def test_cancel_finishes_a_queued_job_as_cancelled(db: Database) -> None:
     (job_id,) = _insert(db, 1)
 
-    assert store.job_cancel_queued(db, job_id) is True
+    assert _control.cancel_job(job_id) == "cancelled"
     row = get_row(db, job_id)
     assert (row.status, row.finished_at is not None) == ("cancelled", True)
-    assert store.job_cancel_queued(db, job_id) is False
+    assert _control.cancel_job(job_id) == "not_cancellable"
 
 
-def test_a_cancel_request_marks_a_running_job_once(db: Database) -> None:
+def test_a_cancel_request_marks_a_running_job(db: Database) -> None:
     (job_id,) = _insert(db, 1, name="d.slow")
     storage.worker_register(db, worker_id="busy", host="h", pid=1, queues=[], concurrency=1)
     storage.jobs_claim(db, worker_id="busy", queues=None, names=["d.slow"], limit=1)
 
-    assert store.job_cancel_queued(db, job_id) is False
-    assert store.job_request_cancel(db, job_id) is True
-    assert store.job_request_cancel(db, job_id) is False
+    assert _control.cancel_job(job_id) == "cancel_requested"
     row = get_row(db, job_id)
     assert (row.status, row.cancel_requested_at is not None) == ("running", True)
+    assert _control.cancel_job(424242) == "not_cancellable"
 
 
 def test_workers_are_listed_with_the_jobs_they_hold(db: Database) -> None:

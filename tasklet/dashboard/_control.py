@@ -1,45 +1,47 @@
-"""The dashboard's actions on jobs and queues, each in one place.
-
-MERGE NOTE: ``cancel_running_job`` is to call ``tasklet.cancel(job_id)``, and
-``pause_queue``/``resume_queue`` ``tasklet.pause_queue``/``tasklet.resume_queue``,
-once those land; until then they use the minimal storage operations in
-``tasklet.storage.dashboard``.
-"""
+"""The dashboard's actions on jobs and queues: the same operations as the API and the CLI."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from .. import _config
-from ..storage import dashboard as store
+from .. import _config, _queues, _wakeup
+from .._cancel import cancel_job as _cancel
+from ..errors import JobNotFoundError, TaskletError
+from ..storage import admin
 
 CancelOutcome = Literal["cancelled", "cancel_requested", "not_cancellable"]
 
+_CANCEL_OUTCOMES: dict[str, CancelOutcome] = {
+    "cancelled": "cancelled",
+    "requested": "cancel_requested",
+    "finished": "not_cancellable",
+}
+
 
 def retry_job(job_id: int) -> bool:
-    return store.job_retry(_config.database(), job_id)
+    """A failed or cancelled job back in its queue, due now (as ``tasklet jobs retry``)."""
+    db = _config.database()
+    outcome = admin.jobs_retry(db, ids=(job_id,))
+    if outcome.retried:
+        _wakeup.publish(db.wake_key, {queue for _, queue in outcome.retried})
+        return True
+    reason = outcome.skipped.get(job_id, "")
+    if "unique key" in reason:
+        raise TaskletError(f"job {job_id} was not retried: {reason}; retry it once that one ends")
+    return False
 
 
 def cancel_job(job_id: int) -> CancelOutcome:
-    """Cancel a queued job at once; ask a running one's worker to stop it."""
-    db = _config.database()
-    if store.job_cancel_queued(db, job_id):
-        return "cancelled"
-    if cancel_running_job(job_id):
-        return "cancel_requested"
-    return "not_cancellable"
-
-
-def cancel_running_job(job_id: int) -> bool:
-    """Request cancellation of a running job (MERGE: becomes ``tasklet.cancel``)."""
-    return store.job_request_cancel(_config.database(), job_id)
+    """Cancel a queued job at once; ask a running one's worker to stop it (``tasklet.cancel``)."""
+    try:
+        return _CANCEL_OUTCOMES[_cancel(_config.database(), job_id)]
+    except JobNotFoundError:
+        return "not_cancellable"
 
 
 def pause_queue(queue: str) -> None:
-    """MERGE: becomes ``tasklet.pause_queue``."""
-    store.queue_pause(_config.database(), queue)
+    _queues.pause_queue(queue)
 
 
 def resume_queue(queue: str) -> None:
-    """MERGE: becomes ``tasklet.resume_queue``."""
-    store.queue_resume(_config.database(), queue)
+    _queues.resume_queue(queue)

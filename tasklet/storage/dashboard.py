@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import sqlalchemy as sa
-from sqlalchemy import exc
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from .._database import Database
@@ -276,89 +274,3 @@ def dashboard_workers(db: Database) -> list[WorkerInfo]:
         age = max(0.0, (current - heartbeat).total_seconds())
         found.append(WorkerInfo(**values, heartbeat_age_s=age))
     return found
-
-
-def _notify(db: Database, conn: Connection, queue: str) -> None:
-    """Wake listening workers when the transaction commits (SQLite's see the WAL change)."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(sa.select(sa.func.pg_notify(db.notify_channel, queue)))
-
-
-def job_retry(db: Database, job_id: int) -> bool:
-    """Put a failed or cancelled job back in its queue, due now, with one more attempt allowed.
-
-    Its record of runs is kept and its crash count starts again. False if the
-    job is not failed or cancelled (it may have been retried already).
-    """
-    try:
-        with db.begin() as conn:
-            retry = (
-                sa.update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.status.in_(RETRYABLE))
-                .values(
-                    status="queued",
-                    run_at=now(conn),
-                    max_attempts=sa.func.greatest(jobs.c.max_attempts, jobs.c.attempts + 1)
-                    if conn.dialect.name == "postgresql"
-                    else sa.func.max(jobs.c.max_attempts, jobs.c.attempts + 1),
-                    lost_count=0,
-                    finished_at=None,
-                    locked_by=None,
-                    cancel_requested_at=None,
-                )
-                .returning(jobs.c.queue)
-            )
-            queue = conn.execute(retry, execution_options=db.execution_options).scalar()
-            if queue is None:
-                return False
-            _notify(db, conn, queue)
-            return True
-    except exc.IntegrityError as error:  # ix_jobs_unique_key: a twin is queued or running
-        raise TaskletError(
-            f"job {job_id} was not retried: another job with its unique key is queued or "
-            "running; retry it once that one has finished"
-        ) from error
-
-
-def job_cancel_queued(db: Database, job_id: int) -> bool:
-    """Cancel a job that has not started; False if it is not queued (any more)."""
-    with db.begin() as conn:
-        cancel = (
-            sa.update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.status == "queued")
-            .values(status="cancelled", finished_at=now(conn))
-        )
-        return bool(conn.execute(cancel, execution_options=db.execution_options).rowcount)
-
-
-def job_request_cancel(db: Database, job_id: int) -> bool:
-    """Ask the worker running the job to stop it; False if it is not running."""
-    with db.begin() as conn:
-        request = (
-            sa.update(jobs)
-            .where(
-                jobs.c.id == job_id,
-                jobs.c.status == "running",
-                jobs.c.cancel_requested_at.is_(None),
-            )
-            .values(cancel_requested_at=now(conn))
-        )
-        return bool(conn.execute(request, execution_options=db.execution_options).rowcount)
-
-
-def queue_pause(db: Database, queue: str) -> None:
-    """Mark the queue paused (idempotent: the first pause's time is kept)."""
-    with db.begin() as conn:
-        dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-        pause = (
-            dialect_insert(paused_queues)
-            .values(queue=queue, paused_at=now(conn))
-            .on_conflict_do_nothing(index_elements=[paused_queues.c.queue])
-        )
-        conn.execute(pause, execution_options=db.execution_options)
-
-
-def queue_resume(db: Database, queue: str) -> None:
-    with db.begin() as conn:
-        resume = sa.delete(paused_queues).where(paused_queues.c.queue == queue)
-        conn.execute(resume, execution_options=db.execution_options)
