@@ -10,6 +10,7 @@ from ._config import Settings, configure
 from ._defer import Deferrer, JobHandle
 from ._job import Job, job
 from .context import JobContext
+from .embedded import WorkerThread, run_worker, start_in_thread
 from .errors import (
     DatabaseUnavailableError,
     JobDefinitionError,
@@ -43,6 +44,7 @@ __all__ = [
     "TaskletError",
     "Worker",
     "WorkerSettings",
+    "WorkerThread",
     "after_failure",
     "after_success",
     "before_perform",
@@ -52,5 +54,7 @@ __all__ = [
     "get_runs",
     "job",
     "metadata",
+    "run_worker",
+    "start_in_thread",
     "upgrade",
 ]
