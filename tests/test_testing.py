@@ -178,10 +178,10 @@ def test_eager_without_propagate_records_the_failure_instead(db: Database) -> No
 
 def test_eager_refuses_arguments_a_worker_could_not_decode(db: Database) -> None:
     @job(name="testing.eager_bad_args")
-    def takes(value: object) -> None: ...
+    def takes(value: list[object]) -> None: ...
 
     with eager(), pytest.raises(tasklet.SerializationError):
-        takes.defer(value=object())
+        takes.defer(value=[object()])
 
 
 def test_eager_runs_async_defers_on_the_callers_loop(db: Database) -> None:
@@ -227,7 +227,7 @@ def test_assert_deferred_failure_lists_what_is_queued(db: Database) -> None:
 
 def test_deferred_jobs_are_the_queued_ones_of_a_job_or_queue(db: Database) -> None:
     @job(name="testing.listed", queue="email")
-    def listed(when: object) -> None: ...
+    def listed(when: dt.datetime) -> None: ...
 
     @job(name="testing.other")
     def other() -> None: ...
