@@ -26,10 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+
+# Imported now so that its exit hook (which stops every thread pool) is registered
+# before ours, and so runs after ours: see _at_exit.
+import concurrent.futures.thread  # noqa: F401
 import contextlib
+import functools
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 
 from .worker import Worker, WorkerSettings, WorkerStats
@@ -164,8 +169,23 @@ def start_in_thread(
     """
     thread = WorkerThread(settings).start()
     if stop_at_exit:
-        atexit.register(_stop_quietly, thread)
+        _at_exit(functools.partial(_stop_quietly, thread))
     return thread
+
+
+def _at_exit(callback: Callable[[], None]) -> None:
+    # At exit, concurrent.futures refuses new threads before atexit handlers run, so a
+    # worker still running then would fail its sync jobs ("cannot schedule new futures
+    # after shutdown"). threading's own exit hooks run earlier, newest first: the
+    # worker stops before the thread pools do. (It is what concurrent.futures uses.)
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is not None:
+            register(callback)
+            return
+    except RuntimeError:  # already shutting down
+        pass
+    atexit.register(callback)
 
 
 def _stop_quietly(thread: WorkerThread) -> None:

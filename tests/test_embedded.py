@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -208,3 +211,46 @@ def test_shutting_an_app_down_loses_no_job(db: Database) -> None:
     for job_id in ids:
         runs = [r.outcome for r in tasklet.get_runs(job_id)]
         assert runs.count("succeeded") == 1 and set(runs) <= {"succeeded", "interrupted"}
+
+
+EXITING_SCRIPT = """
+import sys, time
+import tasklet
+from tasklet import job
+
+@job(name="embedded.exit_job")
+def exit_job(n: int) -> int:
+    time.sleep(0.01)
+    return n
+
+tasklet.start_in_thread(tasklet.WorkerSettings(concurrency=4, grace_s=10))
+exit_job.defer_many([{"n": n} for n in range(40)])
+time.sleep(float(sys.argv[1]))  # let some jobs start: the program ends while they run
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runs_for", [0.0, 0.05])
+def test_a_worker_thread_stops_gracefully_when_the_program_ends(
+    backend: Backend, tmp_path: Path, runs_for: float
+) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(EXITING_SCRIPT)
+
+    done = subprocess.run(
+        [sys.executable, str(script), str(runs_for)],
+        env=backend.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 0, done.stderr
+    db = tasklet._config.database()
+    counts = storage.jobs_count(db)
+    # Stopped before the thread pools were: no attempt failed, none is left running.
+    assert set(counts) <= {"succeeded", "queued"} and sum(counts.values()) == 40, done.stderr
+    failed = [
+        r for j in storage.jobs_list(db) for r in tasklet.get_runs(j.id) if r.outcome == "failed"
+    ]
+    assert failed == []
