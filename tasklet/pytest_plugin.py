@@ -22,11 +22,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from . import _config, migrations, testing
 from ._config import URL_ENV
+from ._database import normalize_url
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,17 @@ class TaskletDatabase:
             env[_config.SCHEMA_ENV] = self.schema
         return env
 
+    def create_engine(self, **options: Any) -> sa.Engine:
+        """An engine on this database for your application's own tables in the test.
+
+        On PostgreSQL its connections use the test's schema (``search_path``),
+        so your tables sit beside tasklet's and are dropped with them.
+        """
+        if self.schema is not None:
+            connect_args = options.setdefault("connect_args", {})
+            connect_args.setdefault("options", f"-csearch_path={self.schema}")
+        return sa.create_engine(normalize_url(self.url), **options)
+
 
 def _restore(settings: _config.Settings) -> None:
     fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
@@ -61,13 +75,15 @@ def tasklet_database(tmp_path: Path) -> Iterator[TaskletDatabase]:
     else:
         database = TaskletDatabase(f"sqlite:///{tmp_path / 'tasklet.db'}", None)
     _config.configure(database.url, schema=database.schema)
+    own = _config.database()  # the test may configure tasklet otherwise in the meantime
     try:
         migrations.upgrade()
         yield database
     finally:
         if database.schema is not None:
-            with _config.database().begin() as conn:
+            with own.begin() as conn:
                 conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{database.schema}" CASCADE')
+        own.dispose()
         _restore(saved)
 
 

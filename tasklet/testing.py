@@ -157,7 +157,8 @@ def drain(
     its ``max_attempts``. ``scheduled=True`` also runs jobs deferred for later
     (their due time is moved to now). Jobs that jobs defer are run too.
 
-    Call it from a test, not from inside a running event loop.
+    From inside a running event loop (an async test), the worker runs on a
+    loop of its own in another thread while this call blocks.
     """
     settings = settings or DRAIN_SETTINGS
     if queues:
@@ -176,7 +177,7 @@ def drain(
                 break
             worker = Worker(settings)
             capture.worker_ids.add(worker.id)
-            worker.run_sync(drain=True)
+            _run_sync(worker)
         else:
             raise RuntimeError(
                 f"drain() ran {max_rounds} rounds and jobs were still due: a job keeps "
@@ -185,6 +186,16 @@ def drain(
     ids = {ctx.job_id for ctx, *_ in capture.attempts}
     rows = (storage.job_get(db, job_id) for job_id in ids if job_id is not None)
     return capture.records({row.id: _arguments(row) for row in rows if row is not None})
+
+
+def _run_sync(worker: Worker) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        worker.run_sync(drain=True)
+        return
+    with concurrent.futures.ThreadPoolExecutor(1) as helper:
+        helper.submit(worker.run_sync, drain=True).result()
 
 
 # ------------------------------------------------------------------- eager

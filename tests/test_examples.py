@@ -184,6 +184,17 @@ def test_stopping_the_signup_app_loses_no_welcome(
     assert [row[0] for row in welcomed] == ids, database.query("SELECT * FROM job_runs")
 
 
+def test_signup_apps_own_tests_pass_with_the_pytest_plugin(database: ExampleDatabase) -> None:
+    tested = run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "signup"],
+        EXAMPLES,
+        database.env,
+    )
+
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "3 passed" in tested.stdout
+
+
 # -------------------------------------------------------------------- the batch
 
 

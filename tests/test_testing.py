@@ -327,3 +327,15 @@ def test_plugin_fixtures_use_a_fresh_postgres_schema_when_the_url_says_postgres(
         ).scalar()
     engine.dispose()
     assert left == 0  # dropped after the test
+
+
+def test_drain_works_from_inside_a_running_event_loop(db: Database) -> None:
+    @job(name="testing.from_async_test")
+    async def ping() -> str:
+        return "pong"
+
+    async def async_test() -> list[object]:
+        await ping.defer_async()
+        return [r.result for r in drain()]
+
+    assert asyncio.run(async_test()) == ["pong"]

@@ -22,6 +22,14 @@ Session = sessionmaker(engine)
 tasklet.configure(engine=engine)
 
 
+def use(new_engine: sa.Engine) -> None:
+    """Point the app and tasklet at another database (tests do, see test_signup.py)."""
+    global engine
+    engine = new_engine
+    Session.configure(bind=new_engine)
+    tasklet.configure(engine=new_engine)
+
+
 class Base(DeclarativeBase):
     pass
 
