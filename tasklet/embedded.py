@@ -64,6 +64,7 @@ async def run_worker(settings: WorkerSettings | None = None) -> AsyncIterator[Wo
         with contextlib.suppress(Exception):
             await task
         raise
+    task.add_done_callback(_log_failure)
     try:
         yield worker
     finally:
@@ -78,6 +79,12 @@ async def run_worker(settings: WorkerSettings | None = None) -> AsyncIterator[Wo
             worker.stop(force=True)
             await asyncio.wait([task], timeout=START_TIMEOUT_S)
             raise
+
+
+def _log_failure(task: asyncio.Task[WorkerStats]) -> None:
+    # Said at once: otherwise the app would run on without a worker until it stops.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the worker in this app stopped on an error", exc_info=task.exception())
 
 
 async def _started(worker: Worker, task: asyncio.Task[WorkerStats]) -> None:
