@@ -29,9 +29,11 @@ ConnectionLike: TypeAlias = "Connection | Session | AsyncConnection | AsyncSessi
 
 
 class EagerRunner(Protocol):
-    def run(self, job: Job[Any, Any], rows: list[storage.NewJob]) -> list[JobHandle]: ...
+    def run(
+        self, job: Job[Any, Any], rows: list[storage.NewJob], connection: object
+    ) -> list[JobHandle]: ...
     async def run_async(
-        self, job: Job[Any, Any], rows: list[storage.NewJob]
+        self, job: Job[Any, Any], rows: list[storage.NewJob], connection: object
     ) -> list[JobHandle]: ...
 
 
@@ -172,7 +174,7 @@ class Deferrer(Generic[P]):
 
     def _insert(self, rows: list[storage.NewJob]) -> list[JobHandle]:
         if eager_runner is not None:
-            return eager_runner.run(self._job, rows)
+            return eager_runner.run(self._job, rows, self._options.connection)
         db = _config.database()
         connection = self._options.connection
         if _is_async(connection):
@@ -213,7 +215,7 @@ class Deferrer(Generic[P]):
 
     async def _insert_async(self, rows: list[storage.NewJob]) -> list[JobHandle]:
         if eager_runner is not None:
-            return await eager_runner.run_async(self._job, rows)
+            return await eager_runner.run_async(self._job, rows, self._options.connection)
         connection = self._options.connection
         if _is_async(connection):
             db = _config.database()

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+from sqlalchemy import event as sa_event
+from sqlalchemy.orm import Session
 
 from . import _config, _defer, _registry, hooks, storage
 from ._executor import Attempt, Executor, JobTimeout
@@ -47,6 +49,16 @@ DRAIN_SETTINGS = WorkerSettings(
     concurrency=8, heartbeat_s=0.5, lost_after_s=5.0, sweep_s=5.0, grace_s=0.0
 )
 _EAGER_WORKER = "tasklet-eager"
+_EAGER_PENDING = "tasklet_eager_pending"
+_EAGER_LISTENING = "tasklet_eager_listening"
+
+
+def _session_of(connection: object) -> Session | None:
+    """The ORM session whose commit an eager job waits for (async sessions have one inside)."""
+    if isinstance(connection, Session):
+        return connection
+    inner = getattr(connection, "sync_session", None)
+    return inner if isinstance(inner, Session) else None
 
 
 @dataclass(frozen=True)
@@ -216,25 +228,57 @@ class _Eager:
     def close(self) -> None:
         self._threads.shutdown(wait=True)
 
-    def run(self, job: Job[Any, Any], rows: list[storage.NewJob]) -> list[_defer.JobHandle]:
+    def run(
+        self, job: Job[Any, Any], rows: list[storage.NewJob], connection: object = None
+    ) -> list[_defer.JobHandle]:
+        pending = self._allocate(job, rows)
+        session = _session_of(connection)
+        if session is not None:
+            self._after_commit(session, job, pending)
+        else:
+            self._run_now(job, pending)
+        return [_defer.JobHandle(id=job_id, name=job.name) for job_id, _ in pending]
+
+    async def run_async(
+        self, job: Job[Any, Any], rows: list[storage.NewJob], connection: object = None
+    ) -> list[_defer.JobHandle]:
+        pending = self._allocate(job, rows)
+        session = _session_of(connection)
+        if session is not None:
+            self._after_commit(session, job, pending)
+        else:
+            await self._run_all(job, pending)
+        return [_defer.JobHandle(id=job_id, name=job.name) for job_id, _ in pending]
+
+    def _allocate(
+        self, job: Job[Any, Any], rows: list[storage.NewJob]
+    ) -> list[tuple[int, storage.NewJob]]:
+        with self._lock:
+            return [(next(self._ids), row) for row in rows]
+
+    def _run_now(self, job: Job[Any, Any], pending: list[tuple[int, storage.NewJob]]) -> None:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return anyio.run(self.run_async, job, rows, backend="asyncio")
+            anyio.run(self._run_all, job, pending, backend="asyncio")
+            return
         # defer() inside an event loop (an async view): run the jobs on a loop of their own.
         with concurrent.futures.ThreadPoolExecutor(1) as helper:
-            return helper.submit(anyio.run, self.run_async, job, rows).result()
+            helper.submit(anyio.run, self._run_all, job, pending).result()
 
-    async def run_async(
-        self, job: Job[Any, Any], rows: list[storage.NewJob]
-    ) -> list[_defer.JobHandle]:
-        handles = []
-        for row in rows:
-            with self._lock:
-                job_id = next(self._ids)
+    async def _run_all(self, job: Job[Any, Any], pending: list[tuple[int, storage.NewJob]]) -> None:
+        for job_id, row in pending:
             await self._run_one(job, row, job_id)
-            handles.append(_defer.JobHandle(id=job_id, name=job.name))
-        return handles
+
+    def _after_commit(
+        self, session: Session, job: Job[Any, Any], pending: list[tuple[int, storage.NewJob]]
+    ) -> None:
+        # As a worker would first see them: once the session commits; never if it rolls back.
+        if not session.info.get(_EAGER_LISTENING):
+            session.info[_EAGER_LISTENING] = True
+            sa_event.listen(session, "after_commit", _on_commit)
+            sa_event.listen(session, "after_soft_rollback", _on_rollback)
+        session.info.setdefault(_EAGER_PENDING, []).append((self, job, pending))
 
     async def _run_one(self, job: Job[Any, Any], row: storage.NewJob, job_id: int) -> None:
         arguments = job.decode(row.serializer, row.args, row.args_pickle)
@@ -263,6 +307,16 @@ class _Eager:
             raise outcome.error
 
 
+def _on_commit(session: Session) -> None:
+    for runner, job, pending in session.info.pop(_EAGER_PENDING, []):
+        runner._run_now(job, pending)
+
+
+def _on_rollback(session: Session, _: object) -> None:
+    if not session.in_transaction():  # the whole transaction, not a savepoint
+        session.info.pop(_EAGER_PENDING, None)
+
+
 @contextlib.contextmanager
 def eager(*, propagate: bool = True) -> Iterator[list[Ran]]:
     """While inside, ``.defer()`` and its async forms run the job at once and return after it.
@@ -271,9 +325,11 @@ def eager(*, propagate: bool = True) -> Iterator[list[Ran]]:
     arguments go through the same encoding as a deferred job's, its hooks
     fire, its timeout applies, and a failed attempt is retried at once until
     ``max_attempts``. No row is written to ``jobs`` (handles have negative ids
-    that ``get_job`` does not know), and a job deferred into your transaction
-    (``connection=``) runs before that transaction commits. With ``propagate``
-    (the default), the last attempt's error is raised from ``.defer()``.
+    that ``get_job`` does not know). A job deferred into a ``Session``'s
+    transaction (``connection=session``, sync or async) runs when the session
+    commits, and not at all if it rolls back; into a ``Connection``, at once.
+    With ``propagate`` (the default), the last attempt's error is raised from
+    ``.defer()`` (or from the commit).
 
     Yields the list of attempts run so far (:class:`Ran` records).
     """

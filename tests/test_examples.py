@@ -192,7 +192,7 @@ def test_signup_apps_own_tests_pass_with_the_pytest_plugin(database: ExampleData
     )
 
     assert tested.returncode == 0, tested.stdout + tested.stderr
-    assert "3 passed" in tested.stdout
+    assert "4 passed" in tested.stdout
 
 
 # -------------------------------------------------------------------- the batch

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 import tasklet
 from tasklet import JobContext, job
@@ -198,6 +199,37 @@ def test_eager_runs_async_defers_on_the_callers_loop(db: Database) -> None:
 
     with eager() as ran:
         assert asyncio.run(main()) == [4, 6, 8]
+
+
+def test_eager_job_deferred_in_a_session_runs_when_it_commits(db: Database) -> None:
+    ran: list[int] = []
+
+    @job(name="testing.eager_in_session")
+    def welcome(user_id: int) -> None:
+        ran.append(user_id)
+
+    with eager(), Session(db.engine) as session:
+        with session.begin():
+            welcome.options(connection=session).defer(user_id=5)
+            assert ran == []  # the transaction has not committed yet
+        assert ran == [5]
+
+
+def test_eager_job_deferred_in_a_session_that_rolls_back_never_runs(db: Database) -> None:
+    ran: list[int] = []
+
+    @job(name="testing.eager_rolled_back")
+    def welcome(user_id: int) -> None:
+        ran.append(user_id)
+
+    with eager(), Session(db.engine) as session:
+        with session.begin():
+            welcome.options(connection=session).defer(user_id=5)
+            session.rollback()
+        with session.begin():
+            welcome.options(connection=session).defer(user_id=6)
+
+    assert ran == [6]
 
 
 # ------------------------------------------------------------- assertions

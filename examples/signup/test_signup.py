@@ -66,3 +66,14 @@ def test_a_repeated_welcome_is_harmless(client: FlaskClient) -> None:
 
     assert [(r.outcome, r.result) for r in ran] == [("succeeded", "ada@example.com")] * 2
     assert client.get(f"/users/{user_id}").get_json()["welcomed"] is True
+
+
+def test_in_eager_mode_the_welcome_is_sent_when_the_signup_commits(
+    client: FlaskClient, tasklet_eager: list[Ran]
+) -> None:
+    user_id = client.post("/signup", json={"email": "ada@example.com"}).get_json()["user"]
+
+    assert client.get(f"/users/{user_id}").get_json()["welcomed"] is True
+    assert [(r.name, r.args) for r in tasklet_eager] == [
+        ("signup.jobs.send_welcome", {"user_id": user_id})
+    ]
