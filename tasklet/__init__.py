@@ -12,6 +12,7 @@ from ._defer import Deferrer, JobHandle
 from ._job import Job, job
 from ._queues import pause_queue, paused_queues, resume_queue
 from .context import JobContext
+from .embedded import WorkerThread, run_worker, start_in_thread
 from .errors import (
     DatabaseUnavailableError,
     JobDefinitionError,
@@ -58,6 +59,7 @@ __all__ = [
     "Worker",
     "WorkerSettings",
     "WorkerStartupError",
+    "WorkerThread",
     "after_failure",
     "after_success",
     "before_perform",
@@ -76,6 +78,8 @@ __all__ = [
     "prune",
     "prune_async",
     "resume_queue",
+    "run_worker",
+    "start_in_thread",
     "upgrade",
     "worker_lifespan",
 ]

@@ -6,7 +6,7 @@ import datetime as dt
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeAlias, TypeGuard
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeAlias, TypeGuard
 
 import anyio.to_thread
 from sqlalchemy.engine import Connection
@@ -22,8 +22,20 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 
+#: Set by ``tasklet.testing.eager()``: runs deferred jobs at once instead of writing them.
+eager_runner: EagerRunner | None = None
+
 #: Where a job is written: the caller's connection or session joins the caller's transaction.
 ConnectionLike: TypeAlias = "Connection | Session | AsyncConnection | AsyncSession"
+
+
+class EagerRunner(Protocol):
+    def run(
+        self, job: Job[Any, Any], rows: list[storage.NewJob], connection: object
+    ) -> list[JobHandle]: ...
+    async def run_async(
+        self, job: Job[Any, Any], rows: list[storage.NewJob], connection: object
+    ) -> list[JobHandle]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +246,8 @@ class Deferrer(Generic[P]):
         return self._options.unique_key is not None or self._job.unique_by is not None
 
     def _insert(self, rows: list[storage.NewJob]) -> list[JobHandle]:
+        if eager_runner is not None:
+            return eager_runner.run(self._job, rows, self._options.connection)
         db = _config.database()
         connection = self._options.connection
         if _is_async(connection):
@@ -287,6 +301,8 @@ class Deferrer(Generic[P]):
         return await self._insert_async(self._job.new_rows(self._options, arguments))
 
     async def _insert_async(self, rows: list[storage.NewJob]) -> list[JobHandle]:
+        if eager_runner is not None:
+            return await eager_runner.run_async(self._job, rows, self._options.connection)
         connection = self._options.connection
         if _is_async(connection):
             db = _config.database()

@@ -1,0 +1,1 @@
+"""A shop whose schema is managed by its own Alembic migrations, beside tasklet's."""
