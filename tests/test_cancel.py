@@ -198,7 +198,7 @@ def test_failure_after_a_cancel_is_not_retried(db: Database) -> None:
     assert row.last_error == "RuntimeError: half-done"
 
 
-def test_job_that_raises_job_cancelled_ends_cancelled_without_retry(db: Database) -> None:
+def test_job_that_raises_cancel_ends_cancelled_without_retry(db: Database) -> None:
     @job(name="t.cancel.itself", max_attempts=5, backoff=0)
     def gives_up() -> None:
         raise Cancel("the order was withdrawn")
@@ -210,7 +210,7 @@ def test_job_that_raises_job_cancelled_ends_cancelled_without_retry(db: Database
     assert runs(db, handle.id) == [(1, "cancelled")]
 
 
-def test_after_failure_hooks_see_a_cancel_as_job_cancelled_with_no_retry(db: Database) -> None:
+def test_after_failure_hooks_see_a_cancel_error_with_no_retry(db: Database) -> None:
     started = threading.Event()
     seen: list[tuple[str, bool | None]] = []
 
