@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 import tasklet
-from tasklet import _config, _registry
+from tasklet import _config, _registry, hooks
 from tasklet._database import Database
 from tests.support import Backend, Log, finish
 
@@ -117,6 +117,15 @@ def _forget_test_jobs() -> Iterator[None]:
     yield
     for name in set(_registry.names()) - before:
         _registry.unregister(name)
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_hooks() -> Iterator[None]:
+    """Global hooks a test registers are removed after it."""
+    saved = {k: list(v) for k, v in vars(hooks.GLOBAL).items()}
+    yield
+    for key, value in saved.items():
+        setattr(hooks.GLOBAL, key, value)
 
 
 @pytest.fixture

@@ -68,6 +68,22 @@ class Backend:
         return f"<Backend {self.name}>"
 
 
+#: Worker settings for tests: short heartbeats and leases, so crash scenarios take seconds.
+FAST = WorkerSettings(concurrency=4, heartbeat_s=0.2, lost_after_s=1.0, sweep_s=0.2, grace_s=5)
+
+
+def drain(settings: WorkerSettings = FAST) -> Worker:
+    """Run a worker in this thread until no job is due (``tasklet workoff``)."""
+    worker = Worker(settings)
+    worker.run_sync(drain=True)
+    return worker
+
+
+def runs(db: Database, job_id: int) -> list[tuple[int, str]]:
+    """The job's attempts as (attempt, outcome), oldest first."""
+    return [(r.attempt, r.outcome) for r in storage.job_runs_list(db, job_id)]
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
     """Poll with a deadline (the thing awaited happens in another thread or process)."""
     deadline = time.monotonic() + timeout

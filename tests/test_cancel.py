@@ -5,40 +5,32 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 
 import anyio
 import pytest
 import sqlalchemy as sa
 
 import tasklet
-from tasklet import Cancel, JobContext, hooks, job, storage
+from tasklet import Cancel, JobContext, job, storage
 from tasklet._database import Database
 from tasklet.schema import jobs
-from tasklet.worker import Worker, WorkerSettings
+from tasklet.worker import WorkerSettings
 from tests import worker_jobs
-from tests.support import Backend, BackgroundWorker, Log, get_row, tasklet_process, wait_for
+from tests.support import (
+    Backend,
+    BackgroundWorker,
+    Log,
+    drain,
+    get_row,
+    runs,
+    tasklet_process,
+    wait_for,
+)
 
 # poll_s=60: nothing but a cancel's own delivery can explain a prompt stop.
 FAST = WorkerSettings(
     concurrency=4, heartbeat_s=0.2, lost_after_s=1.0, sweep_s=0.2, grace_s=5, poll_s=60
 )
-
-
-@pytest.fixture(autouse=True)
-def _restore_global_hooks() -> Iterator[None]:
-    saved = {k: list(v) for k, v in vars(hooks.GLOBAL).items()}
-    yield
-    for key, value in saved.items():
-        setattr(hooks.GLOBAL, key, value)
-
-
-def runs(db: Database, job_id: int) -> list[tuple[int, str]]:
-    return [(r.attempt, r.outcome) for r in storage.job_runs_list(db, job_id)]
-
-
-def drain() -> None:
-    Worker(FAST).run_sync(drain=True)
 
 
 # ------------------------------------------------------------- not running
@@ -57,7 +49,7 @@ def test_cancelled_queued_job_is_cancelled_at_once_and_never_runs(db: Database) 
     assert row.status == "cancelled"
     assert row.finished_at is not None and row.cancel_requested_at is not None
 
-    drain()
+    drain(FAST)
     assert ran == [] and runs(db, handle.id) == []
 
 
@@ -76,7 +68,7 @@ def test_cancel_of_a_finished_job_returns_false_and_changes_nothing(db: Database
         return 1
 
     handle = work.defer()
-    drain()
+    drain(FAST)
     assert tasklet.cancel(handle.id) is False
     row = get_row(db, handle.id)
     assert (row.status, row.cancel_requested_at) == ("succeeded", None)
@@ -204,7 +196,7 @@ def test_job_that_raises_cancel_ends_cancelled_without_retry(db: Database) -> No
         raise Cancel("the order was withdrawn")
 
     handle = gives_up.defer()
-    drain()
+    drain(FAST)
 
     assert get_row(db, handle.id).status == "cancelled"
     assert runs(db, handle.id) == [(1, "cancelled")]

@@ -23,9 +23,8 @@ from tasklet import job, storage
 from tasklet._database import Database
 from tasklet.embedded import WorkerThread, run_worker, start_in_thread
 from tasklet.worker import WorkerSettings
-from tests.support import Backend, get_row, wait_for
+from tests.support import FAST, Backend, get_row, wait_for
 
-FAST = WorkerSettings(concurrency=4, heartbeat_s=0.2, lost_after_s=1.0, sweep_s=0.2, grace_s=5)
 NO_GRACE = WorkerSettings(concurrency=2, heartbeat_s=0.2, lost_after_s=1.0, sweep_s=0.2, grace_s=0)
 
 

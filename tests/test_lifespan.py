@@ -14,10 +14,7 @@ import tasklet
 from tasklet import JobContext, job, lifespan, storage
 from tasklet._database import Database
 from tasklet.schema import workers
-from tasklet.worker import Worker, WorkerSettings
-from tests.support import Backend, BackgroundWorker, Log, finish, tasklet_process
-
-FAST = WorkerSettings(concurrency=4, heartbeat_s=0.2, lost_after_s=1.0, sweep_s=0.2, grace_s=5)
+from tests.support import FAST, Backend, BackgroundWorker, Log, drain, finish, tasklet_process
 
 
 @pytest.fixture(autouse=True)
@@ -27,10 +24,6 @@ def _forget_lifespans() -> Iterator[None]:
     for func in lifespan.registered():
         if func not in before:
             lifespan.forget(func)
-
-
-def drain() -> None:
-    Worker(FAST).run_sync(drain=True)
 
 
 def test_jobs_get_what_an_async_lifespan_yielded(db: Database) -> None:

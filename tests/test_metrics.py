@@ -14,11 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 import tasklet
 from tasklet import job
 from tasklet.metrics import WorkerMetrics
-from tasklet.worker import Worker, WorkerSettings
+from tasklet.worker import Worker
 from tests import support, worker_jobs
-from tests.support import Backend, Log, tasklet_process, wait_for
-
-FAST = WorkerSettings(concurrency=4, heartbeat_s=0.2, lost_after_s=1.0, sweep_s=0.2, grace_s=5)
+from tests.support import FAST, Backend, Log, tasklet_process, wait_for
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

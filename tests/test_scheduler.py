@@ -19,7 +19,16 @@ from tasklet.schedules import Schedule
 from tasklet.schema import jobs, schedule_ticks, workers
 from tasklet.worker import Worker, WorkerSettings
 from tests import support
-from tests.support import Backend, BackgroundWorker, Log, finish, get_row, tasklet_process, wait_for
+from tests.support import (
+    FAST,
+    Backend,
+    BackgroundWorker,
+    Log,
+    finish,
+    get_row,
+    tasklet_process,
+    wait_for,
+)
 
 UTC = dt.UTC
 STARTED = dt.datetime(2026, 6, 1, 12, 0, 30, tzinfo=UTC)
@@ -27,7 +36,6 @@ NOON = dt.datetime(2026, 6, 1, 12, tzinfo=UTC)
 SECOND = dt.timedelta(seconds=1)
 #: tests/schedule_jobs.py's schedule (not imported here: this process would schedule it too).
 SCHEDULE_OF_PROCESSES = "tests.every-second"
-FAST = WorkerSettings(concurrency=4, heartbeat_s=0.2, lost_after_s=1.0, sweep_s=0.2, grace_s=5)
 
 
 def at(hh_mm: str) -> dt.datetime:

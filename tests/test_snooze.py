@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 
 import anyio
 import pytest
 
 import tasklet
-from tasklet import JobContext, Snooze, hooks, job, storage
+from tasklet import JobContext, Snooze, job, storage
 from tasklet._database import Database
-from tasklet.worker import Worker, WorkerSettings
-from tests.support import get_row
-
-FAST = WorkerSettings(concurrency=4, heartbeat_s=0.2, lost_after_s=1.0, sweep_s=0.2, grace_s=5)
-
-
-@pytest.fixture(autouse=True)
-def _restore_global_hooks() -> Iterator[None]:
-    saved = {k: list(v) for k, v in vars(hooks.GLOBAL).items()}
-    yield
-    for key, value in saved.items():
-        setattr(hooks.GLOBAL, key, value)
-
-
-def drain() -> None:
-    Worker(FAST).run_sync(drain=True)
-
-
-def outcomes(db: Database, job_id: int) -> list[tuple[int, str]]:
-    return [(r.attempt, r.outcome) for r in storage.job_runs_list(db, job_id)]
+from tests.support import drain, get_row, runs
 
 
 def test_snoozed_job_is_queued_again_after_its_delay_without_using_an_attempt(
@@ -62,7 +42,7 @@ def test_async_job_can_snooze_with_a_timedelta(db: Database) -> None:
 
     row = get_row(db, handle.id)
     assert (row.status, row.attempts) == ("queued", 0)
-    assert outcomes(db, handle.id) == [(1, "snoozed")]
+    assert runs(db, handle.id) == [(1, "snoozed")]
 
 
 def test_job_with_one_attempt_can_snooze_several_times_then_run(db: Database) -> None:
@@ -80,7 +60,7 @@ def test_job_with_one_attempt_can_snooze_several_times_then_run(db: Database) ->
 
     assert seen == [1, 1, 1, 1]  # every run is the first (and only) attempt
     assert get_row(db, handle.id).status == "succeeded"
-    assert outcomes(db, handle.id) == [(1, "snoozed")] * 3 + [(1, "succeeded")]
+    assert runs(db, handle.id) == [(1, "snoozed")] * 3 + [(1, "succeeded")]
 
 
 def test_snooze_runs_no_after_hook(db: Database) -> None:

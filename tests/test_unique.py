@@ -19,11 +19,9 @@ from sqlalchemy.orm import Session
 from tasklet import JobDefinitionError, Retry, SerializationError, job, storage
 from tasklet._database import Database
 from tasklet.schema import jobs
-from tasklet.worker import Worker, WorkerSettings
-from tests.support import REPO, Backend, count_jobs, get_row, wait_for
+from tasklet.worker import Worker
+from tests.support import FAST, REPO, Backend, count_jobs, get_row, wait_for
 from tests.test_job import count_inserts, user_async_engine
-
-FAST = WorkerSettings(concurrency=4, heartbeat_s=0.2, lost_after_s=1.0, sweep_s=0.2, grace_s=5)
 
 
 @pytest.fixture

@@ -5,38 +5,17 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
 
 import tasklet
-from tasklet import JobContext, hooks, job, storage
+from tasklet import JobContext, job, storage
 from tasklet._database import Database
 from tasklet.retry import Abort, Retry
-from tasklet.worker import Worker, WorkerSettings
-from tests.support import BackgroundWorker, wait_for
-
-FAST = WorkerSettings(concurrency=4, heartbeat_s=0.2, lost_after_s=1.0, sweep_s=0.2, grace_s=5)
-
-
-def drain(settings: WorkerSettings = FAST) -> Worker:
-    worker = Worker(settings)
-    worker.run_sync(drain=True)
-    return worker
-
-
-@pytest.fixture(autouse=True)
-def _restore_global_hooks() -> Iterator[None]:
-    saved = {k: list(v) for k, v in vars(hooks.GLOBAL).items()}
-    yield
-    for key, value in saved.items():
-        setattr(hooks.GLOBAL, key, value)
-
-
-def runs(db: Database, job_id: int) -> list[tuple[int, str]]:
-    return [(r.attempt, r.outcome) for r in storage.job_runs_list(db, job_id)]
+from tasklet.worker import WorkerSettings
+from tests.support import BackgroundWorker, drain, runs, wait_for
 
 
 def status(db: Database, job_id: int) -> str:

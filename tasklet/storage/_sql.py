@@ -169,6 +169,15 @@ SQLITE_UNIQUE_HOLDER = (
 # The worker's two statements per batch, as text: PostgreSQL-only constructs
 # (LATERAL, recursive skip scan, json_to_recordset) that read better as SQL.
 
+# Every PostgreSQL claim ends the same way: the chosen candidates start, each under a new lease.
+_TAKE_CANDIDATES = """UPDATE {jobs} AS j
+   SET status = 'running', attempts = j.attempts + 1, locked_by = %(worker_id)s,
+       started_at = now(), lease = j.lease + 1
+  FROM candidates
+ WHERE j.id = candidates.id
+RETURNING j.id, j.name, j.queue, j.priority, j.serializer, j.args, j.args_pickle,
+          j.attempts, j.max_attempts, j.timeout, j.run_at, j.lease"""
+
 _PG_CLAIM = """
 WITH RECURSIVE {queues_cte},
 candidates AS (
@@ -187,13 +196,7 @@ candidates AS (
      ORDER BY c.priority, c.run_at, c.id
      LIMIT %(limit)s
 )
-UPDATE {jobs} AS j
-   SET status = 'running', attempts = j.attempts + 1, locked_by = %(worker_id)s,
-       started_at = now(), lease = j.lease + 1
-  FROM candidates
- WHERE j.id = candidates.id
-RETURNING j.id, j.name, j.queue, j.priority, j.serializer, j.args, j.args_pickle,
-          j.attempts, j.max_attempts, j.timeout, j.run_at, j.lease
+{take}
 """
 
 # The worker's queues, or every queue that has queued jobs: a skip scan of the
@@ -261,7 +264,10 @@ def pg_claim_sql(schema: str | None, all_queues: bool) -> str:
     jobs_table = table(schema, "jobs")
     queues_cte = (_ALL_QUEUES if all_queues else _GIVEN_QUEUES).format(jobs=jobs_table)
     return _PG_CLAIM.format(
-        queues_cte=queues_cte, jobs=jobs_table, paused=table(schema, "paused_queues")
+        queues_cte=queues_cte,
+        jobs=jobs_table,
+        paused=table(schema, "paused_queues"),
+        take=_TAKE_CANDIDATES.format(jobs=jobs_table),
     )
 
 
@@ -329,13 +335,7 @@ candidates AS (
      ORDER BY c.priority, c.run_at, c.id
      LIMIT %(limit)s
 )
-UPDATE {jobs} AS j
-   SET status = 'running', attempts = j.attempts + 1, locked_by = %(worker_id)s,
-       started_at = now(), lease = j.lease + 1
-  FROM candidates
- WHERE j.id = candidates.id
-RETURNING j.id, j.name, j.queue, j.priority, j.serializer, j.args, j.args_pickle,
-          j.attempts, j.max_attempts, j.timeout, j.run_at, j.lease
+{take}
 """
 
 
@@ -346,7 +346,9 @@ def pg_limited_claim_sql(schema: str | None, all_queues: bool) -> tuple[str, str
     names = {"jobs": table(schema, "jobs"), "paused": table(schema, "paused_queues")}
     return (
         _PG_LIMITED_KEYS.format(queue_filter=queue_filter, **names),
-        _PG_LIMITED_CLAIM.format(queue_filter=queue_filter, **names),
+        _PG_LIMITED_CLAIM.format(
+            queue_filter=queue_filter, take=_TAKE_CANDIDATES.format(jobs=names["jobs"]), **names
+        ),
     )
 
 
