@@ -111,7 +111,9 @@ class Attempt:
             self.cancel.set()
         if self.stop_waiting is not None:
             self.stop_waiting.set()
-        elif self.task is not None:
+        elif self.task is not None and self.began:
+            # A task cancelled before its first step would never settle: one that has
+            # not begun sees ``interrupted`` when it does, and ends without running.
             self.task.cancel()
 
 
@@ -161,6 +163,8 @@ class Executor:
         try:
             if attempt.cancel_requested:  # between the claim and this task's first step
                 raise Cancel("cancelled before it started")
+            if attempt.interrupted:  # a shutdown between the claim and this first step
+                raise asyncio.CancelledError
             arguments = job.decode(row.serializer, row.args, row.args_pickle)
             if ctx is not None and with_hooks:
                 await hooks.run_before(job.hooks, ctx)
