@@ -1,11 +1,12 @@
-"""Defer a batch of jobs in one round trip, then wait until every one has finished.
+"""Defer a batch of jobs in one round trip, then wait for every result.
 
     python examples/batch.py                # runs a worker in a thread of this process
     python examples/batch.py --no-worker    # jobs run on a worker started elsewhere:
                                             #   tasklet worker -q batch --import batch_jobs
 
-It polls ``tasklet.get_job`` for each job until all are finished, then reads
-each job's result from its last recorded attempt (``tasklet.get_runs``).
+Each ``handle.result()`` waits for its job's final state: on PostgreSQL it is
+woken by a notification when the job finishes, on SQLite it watches the
+database file. A job that failed for good raises ``tasklet.JobFailed``.
 """
 
 from __future__ import annotations
@@ -16,25 +17,6 @@ import time
 from batch_jobs import count_words
 
 import tasklet
-
-FINISHED = {"succeeded", "failed", "cancelled"}
-
-
-def wait_for_all(ids: list[int], timeout: float) -> list[tasklet.JobRow]:
-    """The finished rows of these jobs, once none is queued or running any more."""
-    deadline = time.monotonic() + timeout
-    pending, done = list(ids), {}
-    while pending:
-        for job_id in pending:
-            row = tasklet.get_job(job_id)
-            if row is not None and row.status in FINISHED:
-                done[job_id] = row
-        pending = [job_id for job_id in pending if job_id not in done]
-        if pending and time.monotonic() > deadline:
-            raise SystemExit(f"{len(pending)} of {len(ids)} jobs unfinished after {timeout:g}s")
-        if pending:
-            time.sleep(0.1)
-    return [done[job_id] for job_id in ids]
 
 
 def main() -> None:
@@ -51,17 +33,22 @@ def main() -> None:
     print(f"deferred {len(handles)} jobs in one round trip")
 
     worker = None if options.no_worker else tasklet.start_in_thread()
+    deadline = started + options.timeout
+    words, failed = 0, []
     try:
-        rows = wait_for_all([h.id for h in handles], options.timeout)
+        for handle in handles:
+            try:
+                words += handle.result(timeout=max(0.0, deadline - time.monotonic()))["words"]
+            except tasklet.JobFailed as error:
+                failed.append((handle.id, error.error))
+            except TimeoutError:
+                raise SystemExit(f"job {handle.id} unfinished after {options.timeout:g}s") from None
     finally:
         if worker is not None:
             worker.stop()
 
-    failed = [row.id for row in rows if row.status != "succeeded"]
-    succeeded = [row.id for row in rows if row.status == "succeeded"]
-    words = sum(tasklet.get_runs(job_id)[-1].result["words"] for job_id in succeeded)
     seconds = time.monotonic() - started
-    print(f"{len(succeeded)} succeeded, {len(failed)} failed in {seconds:.2f}s")
+    print(f"{len(handles) - len(failed)} succeeded, {len(failed)} failed in {seconds:.2f}s")
     print(f"total words: {words}")
     if failed:
         raise SystemExit(f"failed jobs: {failed}")

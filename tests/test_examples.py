@@ -6,6 +6,8 @@ tables and tasklet's share it, through the connection's search_path).
 
 from __future__ import annotations
 
+import datetime as dt
+import itertools
 import os
 import shutil
 import signal
@@ -227,6 +229,23 @@ def test_batch_script_waits_for_a_worker_running_elsewhere(
         assert worker.stop(), worker.output()
     finally:
         worker.kill()
+
+
+# -------------------------------------------------------------- the cron job
+
+
+def test_cron_example_runs_each_tick_of_its_schedule_once(
+    database: ExampleDatabase, tmp_path: Path
+) -> None:
+    done = run([sys.executable, str(EXAMPLES / "cron.py")], tmp_path, database.env)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    ticks = done.stdout.split(": ", 1)[1].split()
+    times = [dt.datetime.fromisoformat(t.rstrip(",")) for t in ticks]
+    assert len(times) == len(set(times)) >= 3  # one job per tick
+    assert all((b - a).total_seconds() % 2 == 0 for a, b in itertools.pairwise(times))
+    scheduled = database.query("SELECT count(*) FROM schedule_ticks")[0][0]
+    assert scheduled >= len(times)
 
 
 # ---------------------------------------------------------- the Alembic project
