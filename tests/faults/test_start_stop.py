@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 
@@ -22,12 +24,34 @@ def tasklet_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("tasklet-")]
 
 
+def local_ports() -> set[int]:
+    """The local TCP ports of this process's sockets (Linux: /proc)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def backends(db: Database) -> int:
+    """Server connections of this process (other clients of the shared database do not count)."""
     if db.dialect != "postgresql":
         return 0
     with db.engine.connect() as conn:
-        query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
-        return int(conn.execute(query).scalar_one())
+        query = sa.text(
+            "SELECT client_port FROM pg_stat_activity WHERE datname = current_database()"
+        )
+        server_side = {port for port in conn.execute(query).scalars() if port is not None}
+        return len(server_side & local_ports())
 
 
 def test_fifty_start_stop_cycles_leave_nothing_behind(db: Database) -> None:
