@@ -35,7 +35,11 @@ from .worker import Worker, WorkerSettings
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tasklet", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tasklet",
+        description="Background jobs on PostgreSQL or SQLite: migrate, run workers, inspect and "
+        "act on jobs and queues.",
+    )
     parser.add_argument(
         "--database-url",
         metavar="URL",
