@@ -160,6 +160,7 @@ def _job_document(job: JobRow) -> dict[str, Any]:
         "concurrency_key": job.concurrency_key,
         "concurrency_limit": job.concurrency_limit,
         "cancel_requested_at": job.cancel_requested_at,
+        "trace_context": job.trace_context,
         "serializer": job.serializer,
     }
     if job.serializer == "pickle":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeAlias, TypeGuard
 
@@ -12,7 +12,7 @@ import anyio.to_thread
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from . import _cancel, _config, _wakeup, storage
+from . import _cancel, _config, _wakeup, storage, tracing
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -246,6 +246,11 @@ class Deferrer(Generic[P]):
         return self._options.unique_key is not None or self._job.unique_by is not None
 
     def _insert(self, rows: list[storage.NewJob]) -> list[JobHandle]:
+        if tracing.tracer is not None:
+            return tracing.defer(self._job.name, self._options.queue, rows, self._write)
+        return self._write(rows)
+
+    def _write(self, rows: list[storage.NewJob]) -> list[JobHandle]:
         if eager_runner is not None:
             return eager_runner.run(self._job, rows, self._options.connection)
         db = _config.database()
@@ -300,7 +305,13 @@ class Deferrer(Generic[P]):
         """:meth:`defer_many` without blocking the event loop."""
         return await self._insert_async(self._job.new_rows(self._options, arguments))
 
-    async def _insert_async(self, rows: list[storage.NewJob]) -> list[JobHandle]:
+    def _insert_async(self, rows: list[storage.NewJob]) -> Coroutine[Any, Any, list[JobHandle]]:
+        if tracing.tracer is not None:
+            job, queue = self._job.name, self._options.queue
+            return tracing.defer_async(job, queue, rows, self._write_async)
+        return self._write_async(rows)
+
+    async def _write_async(self, rows: list[storage.NewJob]) -> list[JobHandle]:
         if eager_runner is not None:
             return await eager_runner.run_async(self._job, rows, self._options.connection)
         connection = self._options.connection
@@ -319,7 +330,7 @@ class Deferrer(Generic[P]):
             ids = await connection.run_sync(insert)
             return [JobHandle(id=job_id, name=self._job.name) for job_id in ids]
         if connection is not None:
-            return await anyio.to_thread.run_sync(self._insert, rows)
+            return await anyio.to_thread.run_sync(self._write, rows)
         db = _config.database()
         if self._unique():
             inserted = await storage.jobs_insert_unique_async(db, rows)

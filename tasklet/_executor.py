@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
 import datetime as dt
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from . import _codec, hooks
+from . import _codec, hooks, tracing
 from ._job import Job
 from .context import JobContext
 from .errors import SerializationError
@@ -153,7 +154,13 @@ class Executor:
     def __init__(self, threads: concurrent.futures.ThreadPoolExecutor) -> None:
         self._threads = threads
 
-    async def perform(self, attempt: Attempt) -> Outcome:
+    def perform(self, attempt: Attempt) -> Coroutine[Any, Any, Outcome]:
+        """Run one attempt (await it); traced when tracing is on, at the cost of one check."""
+        if tracing.tracer is not None:
+            return tracing.run(attempt, self._perform)
+        return self._perform(attempt)
+
+    async def _perform(self, attempt: Attempt) -> Outcome:
         job, row = attempt.job, attempt.row
         with_hooks = bool(job.hooks or hooks.GLOBAL)
         ctx = attempt.context() if with_hooks or job.context_parameter else None
@@ -257,7 +264,10 @@ class Executor:
         timeout: float | None,
         attempt: Attempt,
     ) -> Any:
-        thread = self._threads.submit(func, *args, **kwargs)
+        if tracing.tracer is None:
+            thread = self._threads.submit(func, *args, **kwargs)
+        else:  # the job's thread runs in the attempt's context: its spans nest under the run's
+            thread = self._threads.submit(contextvars.copy_context().run, func, *args, **kwargs)
         waiting = asyncio.wrap_future(thread)
         if timeout is None and attempt.task is None:
             return await waiting

@@ -98,6 +98,8 @@ jobs = sa.Table(
     sa.Column("concurrency_limit", sa.Integer(), nullable=True),
     # Set by cancel() on a running job: its worker stops it and it is not retried.
     sa.Column("cancel_requested_at", _Time, nullable=True),
+    # The W3C trace context of the defer (JSON: traceparent, tracestate) while tracing is on.
+    sa.Column("trace_context", sa.Text(), nullable=True),
     sa.CheckConstraint(_in("status", JOB_STATUSES), name="status"),
     sa.CheckConstraint(_in("serializer", SERIALIZERS), name="serializer"),
     sa.CheckConstraint(

@@ -297,6 +297,7 @@ class _Eager:
                 timeout=row.timeout,
                 run_at=row.run_at or storage.utcnow(),
                 lease=0,
+                trace_context=row.trace_context,
             )
             before = len(self.capture.attempts)
             outcome = await executor.perform(Attempt(row=claimed, job=job, worker_id=_EAGER_WORKER))

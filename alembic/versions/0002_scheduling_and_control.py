@@ -37,6 +37,7 @@ def upgrade() -> None:
     op.add_column("jobs", sa.Column("concurrency_key", sa.Text(), nullable=True))
     op.add_column("jobs", sa.Column("concurrency_limit", sa.Integer(), nullable=True))
     op.add_column("jobs", sa.Column("cancel_requested_at", Time, nullable=True))
+    op.add_column("jobs", sa.Column("trace_context", sa.Text(), nullable=True))
     # The claim index now leaves limited jobs out: they have an index of their own.
     op.drop_index(op.f("ix_jobs_queue_priority_run_at_id"), table_name="jobs")
     _partial("ix_jobs_queue_priority_run_at_id", ["queue", "priority", "run_at", "id"],
@@ -77,7 +78,13 @@ def downgrade() -> None:
         "ix_jobs_queue_priority_run_at_id",
     ):
         op.drop_index(op.f(name), table_name="jobs")
-    for column in ("cancel_requested_at", "concurrency_limit", "concurrency_key", "unique_key"):
+    for column in (
+        "trace_context",
+        "cancel_requested_at",
+        "concurrency_limit",
+        "concurrency_key",
+        "unique_key",
+    ):
         op.drop_column("jobs", column)
     _QUEUED = sa.text(QUEUED)
     op.create_index(

@@ -47,14 +47,14 @@ def table(schema: str | None, name: str) -> str:
 # rows go in, and pg_notify tells listening workers once the transaction commits.
 _INSERT_COLUMNS = """name, queue, priority, status, serializer, args, args_pickle, attempts,
     max_attempts, lost_count, timeout, run_at, created_at, lease, unique_key, concurrency_key,
-    concurrency_limit"""
+    concurrency_limit, trace_context"""
 
 _PG_INSERT_ONE = """
 INSERT INTO {jobs} ({columns})
 VALUES (%(name)s, %(queue)s, %(priority)s, 'queued', %(serializer)s, %(args)s::jsonb,
         %(args_pickle)s, 0, %(max_attempts)s, 0, %(timeout)s,
         COALESCE(%(run_at)s::timestamptz, now() + %(delay_s)s * interval '1 second'), now(), 0,
-        %(unique_key)s, %(concurrency_key)s, %(concurrency_limit)s)
+        %(unique_key)s, %(concurrency_key)s, %(concurrency_limit)s, %(trace_context)s)
 RETURNING id, queue
 """
 
@@ -65,11 +65,11 @@ INSERT INTO {jobs} ({columns})
 SELECT r.name, r.queue, r.priority, 'queued', r.serializer, r.args,
        decode(r.args_pickle, 'base64'), 0, r.max_attempts, 0, r.timeout,
        COALESCE(r.run_at, now() + r.delay_s * interval '1 second'), now(), 0,
-       r.unique_key, r.concurrency_key, r.concurrency_limit
+       r.unique_key, r.concurrency_key, r.concurrency_limit, r.trace_context
   FROM json_to_recordset(%(rows)s::json) AS r(
        name text, queue text, priority int, max_attempts int, timeout float8,
        serializer text, args jsonb, args_pickle text, run_at timestamptz, delay_s float8,
-       unique_key text, concurrency_key text, concurrency_limit int)
+       unique_key text, concurrency_key text, concurrency_limit int, trace_context text)
 RETURNING id, queue
 """
 
@@ -80,7 +80,7 @@ INSERT INTO {jobs} ({columns})
 SELECT %(name)s, %(queue)s, %(priority)s, 'queued', %(serializer)s, a.value::jsonb, NULL, 0,
        %(max_attempts)s, 0, %(timeout)s,
        COALESCE(%(run_at)s::timestamptz, now() + %(delay_s)s * interval '1 second'), now(), 0,
-       %(unique_key)s, %(concurrency_key)s, %(concurrency_limit)s
+       %(unique_key)s, %(concurrency_key)s, %(concurrency_limit)s, %(trace_context)s
   FROM json_array_elements(%(args)s::json) WITH ORDINALITY AS a(value, n)
  ORDER BY a.n
 RETURNING id, queue
@@ -135,14 +135,14 @@ _SQLITE_INSERT_ONE = """
 INSERT INTO jobs ({columns})
 VALUES (:name, :queue, :priority, 'queued', :serializer, :args, :args_pickle, 0,
         :max_attempts, 0, :timeout, :run_at, :now, 0, :unique_key, :concurrency_key,
-        :concurrency_limit)
+        :concurrency_limit, :trace_context)
 RETURNING id
 """
 _SQLITE_INSERT_SAME = """
 INSERT INTO jobs ({columns})
 SELECT :name, :queue, :priority, 'queued', :serializer, a.value, NULL, 0,
        :max_attempts, 0, :timeout, :run_at, :now, 0, :unique_key, :concurrency_key,
-       :concurrency_limit
+       :concurrency_limit, :trace_context
   FROM json_each(:args) AS a
  ORDER BY a.key
 RETURNING id
@@ -176,7 +176,7 @@ _TAKE_CANDIDATES = """UPDATE {jobs} AS j
   FROM candidates
  WHERE j.id = candidates.id
 RETURNING j.id, j.name, j.queue, j.priority, j.serializer, j.args, j.args_pickle,
-          j.attempts, j.max_attempts, j.timeout, j.run_at, j.lease"""
+          j.attempts, j.max_attempts, j.timeout, j.run_at, j.lease, j.trace_context"""
 
 _PG_CLAIM = """
 WITH RECURSIVE {queues_cte},
@@ -389,7 +389,7 @@ UPDATE jobs
         ORDER BY priority, run_at, id
         LIMIT :limit)
 RETURNING id, name, queue, priority, serializer, args, args_pickle, attempts, max_attempts,
-          timeout, run_at, lease
+          timeout, run_at, lease, trace_context
 """
 SQLITE_QUEUE_FILTER = "AND queue IN (SELECT value FROM json_each(:queues))"
 
@@ -417,7 +417,7 @@ UPDATE jobs
         ORDER BY priority, run_at, id
         LIMIT :limit)
 RETURNING id, name, queue, priority, serializer, args, args_pickle, attempts, max_attempts,
-          timeout, run_at, lease
+          timeout, run_at, lease, trace_context
 """
 
 SQLITE_FINISH = """

@@ -89,6 +89,7 @@ def _shared_params(job: NewJob) -> dict[str, Any]:
         "unique_key": job.unique_key,
         "concurrency_key": job.concurrency_key,
         "concurrency_limit": job.concurrency_limit,
+        "trace_context": job.trace_context,
     }
 
 
@@ -117,6 +118,7 @@ def _pg_rows_json(new_jobs: Sequence[NewJob]) -> str:
                 "unique_key": j.unique_key,
                 "concurrency_key": j.concurrency_key,
                 "concurrency_limit": j.concurrency_limit,
+                "trace_context": j.trace_context,
             }
             for j in new_jobs
         ],
@@ -190,6 +192,7 @@ def _sqlite_insert(db: Database, conn: Connection, new_jobs: Sequence[NewJob]) -
             "unique_key": j.unique_key,
             "concurrency_key": j.concurrency_key,
             "concurrency_limit": j.concurrency_limit,
+            "trace_context": j.trace_context,
         }
         for j in new_jobs
     ]

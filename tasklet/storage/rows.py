@@ -53,6 +53,8 @@ class NewJob:
     #: At most ``concurrency_limit`` jobs with this key run at once.
     concurrency_key: str | None = None
     concurrency_limit: int | None = None
+    #: The W3C trace context of the defer, as JSON (see tasklet.tracing); None when off.
+    trace_context: str | None = None
 
     def same_but_args(self, other: NewJob) -> bool:
         """Whether the two rows differ in their arguments only (one bulk statement)."""
@@ -68,6 +70,7 @@ class NewJob:
             and self.unique_key == other.unique_key
             and self.concurrency_key == other.concurrency_key
             and self.concurrency_limit == other.concurrency_limit
+            and self.trace_context == other.trace_context
         )
 
 
@@ -98,6 +101,7 @@ class JobRow:
     concurrency_key: str | None = None
     concurrency_limit: int | None = None
     cancel_requested_at: dt.datetime | None = None
+    trace_context: str | None = None
 
     @classmethod
     def from_mapping(cls, row: sa.RowMapping) -> JobRow:
@@ -123,6 +127,8 @@ class ClaimedJob:
     timeout: float | None
     run_at: dt.datetime
     lease: int
+    #: The defer's trace context (JSON), when tracing was on as it was deferred.
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
