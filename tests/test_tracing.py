@@ -145,6 +145,18 @@ def test_defer_many_is_one_span_naming_every_job_each_storing_its_context(
     assert {stored_ids(db, h.id) for h in handles} == {ids(span)}
 
 
+def test_pickled_jobs_deferred_together_store_their_context_too(
+    db: Database, spans: InMemorySpanExporter
+) -> None:
+    @job(name="t.pickled", serializer="pickle")
+    def pickled(n: int) -> None: ...
+
+    handles = pickled.defer_many([{"n": 1}, {"n": 2}])  # rows that differ in more than JSON
+
+    span = only(spans, "tasklet.defer t.pickled")
+    assert [stored_ids(db, h.id) for h in handles] == [ids(span), ids(span)]
+
+
 def test_a_defer_on_the_callers_connection_stores_its_context_in_that_transaction(
     db: Database, spans: InMemorySpanExporter
 ) -> None:
