@@ -148,6 +148,18 @@ class Log:
         return Counter(job_id for job_id, _ in self.lines("done"))
 
 
+def tasklet_command(backend: Backend, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m tasklet ARGS` as a user runs it, on this backend's database; waits for it."""
+    return subprocess.run(
+        [sys.executable, "-m", "tasklet", *args],
+        env=backend.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def tasklet_process(backend: Backend, log: Log, *args: str) -> subprocess.Popen[bytes]:
     """`python -m tasklet ARGS`, its output going to a file (a full pipe would block it)."""
     env = {**backend.env, "TASKLET_TEST_LOG": str(log.path), "PYTHONUNBUFFERED": "1"}

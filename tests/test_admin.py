@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +20,10 @@ from tasklet._database import Database
 from tasklet.schema import paused_queues, workers
 from tasklet.storage import Completion, NewJob
 from tasklet.worker import Worker, WorkerSettings
-from tests.support import REPO, Backend, BackgroundWorker, get_row, wait_for
+from tests.support import Backend, BackgroundWorker, get_row, wait_for
+from tests.support import tasklet_command as cli
 
 pytestmark = pytest.mark.slow  # every test here spawns processes
-
-
-def cli(backend: Backend, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tasklet", *args],
-        env=backend.env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def cli_json(backend: Backend, *args: str) -> Any:

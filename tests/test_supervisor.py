@@ -21,19 +21,9 @@ from tasklet.storage import admin
 from tasklet.supervisor import Backoff, StateDir, parse_spec
 from tests import worker_jobs
 from tests.support import REPO, Backend, Log, get_row, wait_for
+from tests.support import tasklet_command as cli
 
 FAST = ["--heartbeat=0.2", "--lost-after=1", "--sweep=0.2", "--grace=5", "--concurrency=3"]
-
-
-def cli(backend: Backend, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tasklet", *args],
-        env=backend.env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture
