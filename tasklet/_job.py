@@ -218,7 +218,15 @@ class Job(Deferrer[P], Generic[P, R]):
                     f"job {self.name!r} holds pickled arguments but is not declared with "
                     "serializer='pickle'; tasklet refuses to unpickle it"
                 )
-            arguments = _codec.decode_pickle(args_pickle or b"")
+            if args_pickle is None:
+                raise SerializationError(f"job {self.name!r} is pickled but holds no bytes")
+            arguments = _codec.decode_pickle(args_pickle)
+        elif serializer != "json":
+            # PostgreSQL has no CHECK on this column (see schema.py): a row written by hand.
+            raise SerializationError(
+                f"job {self.name!r} names serializer {serializer!r}; tasklet knows 'json' "
+                "and 'pickle'"
+            )
         elif isinstance(args, dict):
             arguments = _codec.decode_json(args)
         else:
