@@ -26,6 +26,10 @@ import cloudpickle  # type: ignore[import-untyped,unused-ignore]
 from .errors import PayloadTooLargeError, SerializationError
 
 TAG: Final = "__tasklet__"
+#: JSON text without spaces, as tasklet stores and sends it (one encoder, built once:
+#: ``json.dumps`` with options builds a new one per call).
+compact_json: Final = json.JSONEncoder(separators=(",", ":")).encode
+
 _PICKLE_MAGIC: Final = b"tasklet-pickle/"
 PYTHON_VERSION: Final = f"{sys.version_info.major}.{sys.version_info.minor}"
 
@@ -189,7 +193,7 @@ def encode_json_text(
 ) -> tuple[dict[str, Any], str]:
     """:func:`encode_json`, and the JSON text it stores (checked against ``max_bytes``)."""
     encoded = _encode_arguments(arguments)
-    text = json.dumps(encoded, separators=(",", ":"))
+    text = compact_json(encoded)
     if max_bytes is not None:
         _check_size(len(text), max_bytes)
     return encoded, text
@@ -200,9 +204,9 @@ def encode_json_many(
 ) -> list[dict[str, Any]]:
     """:func:`encode_json` for many jobs at once, with one size check for all when it can."""
     encoded = [_encode_arguments(a) for a in arguments]
-    if max_bytes is not None and len(json.dumps(encoded, separators=(",", ":"))) > max_bytes:
+    if max_bytes is not None and len(compact_json(encoded)) > max_bytes:
         for payload in encoded:  # some row may be over the limit: find it
-            _check_size(len(json.dumps(payload, separators=(",", ":"))), max_bytes)
+            _check_size(len(compact_json(payload)), max_bytes)
     return encoded
 
 

@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import functools
 import importlib.util
+import os
 import re
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.engine.url import URL
+from sqlalchemy.pool import NullPool
 
 from ._config import Settings
 from .errors import DatabaseUnavailableError, SchemaMissingError, TaskletError
@@ -72,13 +75,27 @@ def _setup_sqlite(engine: Engine, settings: Settings) -> None:
 def create_engine(settings: Settings) -> Engine:
     url = normalize_url(settings.resolved_url())
     if url.get_backend_name() == "sqlite":
-        engine = sa.create_engine(
-            url,
-            connect_args={"timeout": settings.sqlite_busy_timeout_s, "check_same_thread": False},
-        )
-        _setup_sqlite(engine, settings)
-        return engine
+        return _sqlite_engine(url, settings)
     return sa.create_engine(url, pool_size=10, max_overflow=20)
+
+
+def _sqlite_engine(url: URL, settings: Settings, **options: Any) -> Engine:
+    engine = sa.create_engine(
+        url,
+        connect_args={"timeout": settings.sqlite_busy_timeout_s, "check_same_thread": False},
+        **options,
+    )
+    _setup_sqlite(engine, settings)
+    return engine
+
+
+@dataclass
+class _ThreadConnection:
+    """The connection one thread keeps for SQLite enqueues (see Database.autocommit)."""
+
+    connection: Connection
+    pid: int
+    in_use: bool = False
 
 
 def _finish_connections(connections: list[Any]) -> None:
@@ -100,6 +117,10 @@ class Database:
         default_factory=weakref.WeakKeyDictionary, repr=False
     )
     _async_all: weakref.WeakSet[Any] = field(default_factory=weakref.WeakSet, repr=False)
+    _per_thread: threading.local = field(default_factory=threading.local, repr=False)
+    _thread_connections: weakref.WeakSet[Connection] = field(
+        default_factory=weakref.WeakSet, repr=False
+    )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
@@ -153,9 +174,16 @@ class Database:
             return sa.create_engine(
                 self.engine.url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=20
             )
+        if self.owns_engine:
+            # SQLite: each thread keeps one connection of its own (see autocommit), so
+            # there is no pool to size or to wait on.
+            return _sqlite_engine(self.engine.url, self.settings, poolclass=NullPool)
         return self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def dispose(self) -> None:
+        for conn in list(self._thread_connections):
+            conn.close()
+        self._thread_connections.clear()
         _finish_connections(list(self._async_all))
         self._async_all.clear()
         self._async_idle.clear()
@@ -293,8 +321,39 @@ class Database:
     def autocommit(self) -> Iterator[Connection]:
         """A connection whose every statement commits on its own (one round trip each)."""
         with self.translate_errors():
+            if self.dialect == "sqlite" and self.owns_engine:
+                with self._sqlite_thread_connection() as conn:
+                    yield conn
+                return
             # SQLite: tasklet's connections are in the driver's autocommit mode until
             # a transaction begins (see _setup_sqlite), so this needs no other engine.
             engine = self.engine if self.dialect == "sqlite" else self.autocommit_engine
             with engine.connect() as conn:
                 yield conn
+
+    @contextlib.contextmanager
+    def _sqlite_thread_connection(self) -> Iterator[Connection]:
+        """This thread's own SQLite connection, kept open between enqueues.
+
+        A checkout from the pool and its reset cost more than SQLite's insert
+        itself. The connection is closed by :meth:`dispose`, or when its thread
+        ends; a forked child opens its own (SQLite connections must not cross a
+        fork); a nested use gets a connection of its own.
+        """
+        held: _ThreadConnection | None = getattr(self._per_thread, "held", None)
+        if held is not None and held.in_use:
+            with self.autocommit_engine.connect() as conn:
+                yield conn
+            return
+        if held is None or held.pid != os.getpid() or held.connection.closed:
+            conn = self.autocommit_engine.connect()
+            held = self._per_thread.held = _ThreadConnection(conn, os.getpid())
+            self._thread_connections.add(conn)
+            weakref.finalize(threading.current_thread(), conn.close)
+        held.in_use = True
+        try:
+            yield held.connection
+        finally:
+            held.in_use = False
+            if held.connection.in_transaction():  # never keep the write lock between uses
+                held.connection.rollback()

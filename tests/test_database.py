@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import gc
 import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ from tasklet import (
 )
 from tasklet._database import Database
 from tasklet.schema import jobs
+from tests import jobs_for_tests
 from tests.support import Backend
 
 REPO = Path(__file__).resolve().parent.parent
@@ -215,6 +219,101 @@ def test_sqlite_foreign_keys_are_enforced(db: Database) -> None:
 @sqlite_only
 def test_sqlite_commits_are_fully_synced_by_default(db: Database) -> None:
     assert pragma(db, "synchronous") == 2  # FULL
+
+
+# Enqueues that commit at once run on a connection each thread keeps (Database.autocommit).
+
+
+@sqlite_only
+def test_sqlite_enqueue_connection_has_the_same_settings(db: Database) -> None:
+    with db.autocommit() as conn:
+        settings = [
+            conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+            for name in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")
+        ]
+
+    assert settings == ["wal", 2, 30_000, 1]
+
+
+@sqlite_only
+def test_sqlite_thread_keeps_one_connection_for_its_enqueues(db: Database) -> None:
+    connects: list[object] = []
+    sa.event.listen(db.autocommit_engine, "connect", lambda dbapi, record: connects.append(dbapi))
+
+    for n in range(20):
+        jobs_for_tests.noop.defer(n=n)
+
+    assert len(connects) == 1 and count_jobs(db) == 20
+
+
+@sqlite_only
+def test_sqlite_nested_autocommit_gets_a_connection_of_its_own(db: Database) -> None:
+    with db.autocommit() as outer, db.autocommit() as inner:
+        assert inner is not outer
+        assert inner.connection.dbapi_connection is not outer.connection.dbapi_connection
+
+
+@sqlite_only
+def test_sqlite_enqueue_connection_leaves_no_transaction_open(
+    backend: Backend, db: Database
+) -> None:
+    path = str(sa.make_url(backend.url).database)
+
+    with db.autocommit() as conn:
+        conn.execute(sa.select(sa.func.count()).select_from(jobs))  # begins a transaction
+
+    assert another_writer_can_lock(path)
+
+
+@sqlite_only
+def test_sqlite_many_threads_enqueue_beyond_any_pool_size(db: Database) -> None:
+    threads, per_thread = 40, 5
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        futures = [
+            pool.submit(
+                lambda t: [jobs_for_tests.noop.defer(n=t * 100 + i) for i in range(per_thread)], t
+            )
+            for t in range(threads)
+        ]
+        handles = [h for f in futures for h in f.result(timeout=60)]
+
+    assert len({h.id for h in handles}) == threads * per_thread == count_jobs(db)
+
+
+@sqlite_only
+def test_sqlite_thread_connection_closes_when_its_thread_ends(db: Database) -> None:
+    held: list[sa.Connection] = []
+
+    def enqueue() -> None:
+        jobs_for_tests.noop.defer(n=1)
+        with db.autocommit() as conn:
+            held.append(conn)
+
+    worker = threading.Thread(target=enqueue)
+    worker.start()
+    worker.join(timeout=30)
+    del worker
+    gc.collect()
+
+    assert len(held) == 1 and held[0].closed
+
+
+@sqlite_only
+def test_reconfiguring_closes_every_thread_connection(db: Database) -> None:
+    held: list[sa.Connection] = []
+
+    def enqueue() -> None:
+        jobs_for_tests.noop.defer(n=1)
+        with db.autocommit() as conn:
+            held.append(conn)
+
+    worker = threading.Thread(target=enqueue)
+    worker.start()
+    worker.join(timeout=30)
+    enqueue()
+    tasklet.configure()
+
+    assert len(held) == 2 and all(conn.closed for conn in held)
 
 
 def another_writer_can_lock(path: str) -> bool:

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection
 
+from .._codec import compact_json
 from .._database import Database
 from ..schema import job_runs, jobs, workers
 from ._sql import (
@@ -209,7 +210,7 @@ def jobs_finish(db: Database, completions: Sequence[Completion]) -> set[int]:
         return set()
     if db.dialect == "postgresql":
         with db.autocommit() as conn:
-            batch = json.dumps([_finish_row(c) for c in completions], separators=(",", ":"))
+            batch = compact_json([_finish_row(c) for c in completions])
             rows = db.driver_execute(conn, pg_finish_sql(db.schema), {"batch": batch})
             return {row[0] for row in rows}
     with db.begin() as conn:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import functools
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from .._codec import compact_json
 from .._database import Database
 from ..schema import job_runs, jobs, paused_queues
 from ._sql import SQLITE_INSERTS, in_queues, now, pg_insert_sql, pg_insert_unique_sql
@@ -51,7 +51,7 @@ def _pg_insert_statement(
         params["args_pickle"] = first.args_pickle
     elif first.serializer == "json" and all(first.same_but_args(j) for j in new_jobs):
         shape = "same"  # defer_many: only the arguments differ
-        params["args"] = json.dumps([j.args for j in new_jobs], separators=(",", ":"))
+        params["args"] = compact_json([j.args for j in new_jobs])
     else:
         shape = "many"
         params = {"rows": _pg_rows_json(new_jobs), "channel": db.notify_channel}
@@ -96,11 +96,11 @@ def _shared_params(job: NewJob) -> dict[str, Any]:
 def _json_text(job: NewJob) -> str | None:
     if job.args is None:
         return None
-    return job.args_json or json.dumps(job.args, separators=(",", ":"))
+    return job.args_json or compact_json(job.args)
 
 
 def _pg_rows_json(new_jobs: Sequence[NewJob]) -> str:
-    return json.dumps(
+    return compact_json(
         [
             {
                 "name": j.name,
@@ -121,8 +121,7 @@ def _pg_rows_json(new_jobs: Sequence[NewJob]) -> str:
                 "trace_context": j.trace_context,
             }
             for j in new_jobs
-        ],
-        separators=(",", ":"),
+        ]
     )
 
 
@@ -171,7 +170,7 @@ def _sqlite_insert(db: Database, conn: Connection, new_jobs: Sequence[NewJob]) -
             shape, params["args"], params["args_pickle"] = "one", _json_text(first), None
         else:
             shape = "same"
-            params["args"] = json.dumps([j.args for j in new_jobs], separators=(",", ":"))
+            params["args"] = compact_json([j.args for j in new_jobs])
         return sorted(row[0] for row in db.driver_execute(conn, SQLITE_INSERTS[shape], params))
     rows = [
         {
