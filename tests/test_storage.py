@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from tasklet import Job, job, storage
 from tasklet._database import Database
-from tasklet.schema import workers
+from tasklet.schema import jobs, workers
 from tasklet.storage import Completion, utcnow
 
 
@@ -39,6 +39,15 @@ def _age_worker(db: Database, worker_id: str, seconds: float) -> None:
             sa.update(workers).where(workers.c.id == worker_id).values(heartbeat_at=old),
             execution_options=db.execution_options,
         )
+
+
+def _make_due(db: Database) -> None:
+    """Every queued job due a second ago."""
+    past = utcnow() - dt.timedelta(seconds=1)
+    if db.dialect == "sqlite":
+        past = past.replace(tzinfo=None)
+    with db.begin() as conn:
+        conn.execute(sa.update(jobs).values(run_at=past), execution_options=db.execution_options)
 
 
 def _finish(row: storage.ClaimedJob, worker_id: str, status: str = "succeeded") -> Completion:
@@ -150,6 +159,26 @@ def test_a_job_lost_max_lost_times_is_failed_not_retried(
     assert (row.status, row.lost_count) == ("failed", 2)
     assert row.last_error is not None and "crashing-1" in row.last_error
     assert [r.outcome for r in storage.job_runs_list(db, handle.id)] == ["lost", "lost"]
+
+
+def test_a_job_lost_again_comes_back_over_a_wider_window(
+    db: Database, noop: Job[..., None]
+) -> None:
+    noop.defer_many([{"i": i} for i in range(200)])
+    for n in range(2):
+        _register(db, f"dead-{n}")
+        while _claim(db, f"dead-{n}", limit=50):
+            pass
+        _age_worker(db, f"dead-{n}", 120)
+        rescued_at = storage.utcnow()
+        storage.jobs_rescue(db, lost_after_s=30, max_lost=3, spread_s=1.0)
+        if n == 0:  # the first loss: back within one window
+            delays = [(r.run_at - rescued_at).total_seconds() for r in storage.jobs_list(db)]
+            assert max(delays) < 1.5
+            _make_due(db)
+
+    delays = [(r.run_at - rescued_at).total_seconds() for r in storage.jobs_list(db)]
+    assert max(delays) > 1.0 and max(delays) < 2.5  # lost twice: over two windows
 
 
 def test_many_sweepers_rescue_each_orphan_exactly_once(db: Database, noop: Job[..., None]) -> None:

@@ -290,16 +290,20 @@ def _run_values(conn: Connection, c: Completion) -> dict[str, Any]:
     }
 
 
-def _spread(conn: Connection, seconds: float) -> sa.ColumnElement[Any]:
-    """Now, plus a random delay of up to ``seconds``, per row."""
+def _spread(
+    conn: Connection, seconds: float, scale: sa.ColumnElement[int] | None = None
+) -> sa.ColumnElement[Any]:
+    """Now, plus a random delay of up to ``seconds`` (times ``scale``, a column), per row."""
     if seconds <= 0:
         return now(conn)
     if conn.dialect.name == "postgresql":
-        return sa.func.now() + sa.func.random() * sa.literal(
-            dt.timedelta(seconds=seconds), sa.Interval()
-        )
+        window = sa.literal(dt.timedelta(seconds=seconds), sa.Interval())
+        fraction = sa.func.random() if scale is None else sa.func.random() * scale
+        return sa.func.now() + fraction * window
     millis = int(seconds * 1000)
     offset = sa.cast(sa.func.abs(sa.func.random()) % millis, sa.Float) / 1000.0
+    if scale is not None:
+        offset = offset * scale
     return sa.func.strftime(
         "%Y-%m-%d %H:%M:%f", "now", sa.literal("+") + sa.cast(offset, sa.Text) + " seconds"
     )
@@ -317,7 +321,9 @@ def jobs_rescue(
 
     Rescued jobs come back at random over ``spread_s`` seconds rather than all at
     once: the jobs a crash caught together are then claimed apart, so when one of
-    them keeps killing its worker, the others do not keep dying with it.
+    them keeps killing its worker, the others do not keep dying with it. A job
+    lost again comes back over a wider window (``spread_s`` times the losses so
+    far), so a bystander that was unlucky twice is unlikely to be a third time.
     """
     options = db.execution_options
     with db.begin() as conn:
@@ -343,7 +349,7 @@ def jobs_rescue(
                 finished_at=sa.case((sa.or_(cancelled, gives_up), current)),
                 lost_count=jobs.c.lost_count + 1,
                 locked_by=None,
-                run_at=_spread(conn, spread_s),
+                run_at=_spread(conn, spread_s, jobs.c.lost_count + 1),
                 last_error=sa.literal("lost: worker ") + jobs.c.locked_by + " stopped heartbeating",
             )
         )
