@@ -285,18 +285,18 @@ class Database:
         connection leaves the pool, as with ``execute``.
         """
         driver: Any = conn.connection.dbapi_connection
-        dbapi = self.engine.dialect.loaded_dbapi
         events = conn.dispatch
         cursor = driver.cursor()
         try:
             if events.before_cursor_execute:
                 events.before_cursor_execute(conn, cursor, sql, params, None, False)
             cursor.execute(sql, params)
-            rows = list(cursor.fetchall())
+            rows: list[Any] = cursor.fetchall()
             if events.after_cursor_execute:
                 events.after_cursor_execute(conn, cursor, sql, params, None, False)
             return rows
-        except dbapi.Error as error:
+        except self.engine.dialect.loaded_dbapi.Error as error:  # looked up only on error
+            dbapi_error = self.engine.dialect.loaded_dbapi.Error
             invalidated = self.engine.dialect.is_disconnect(error, driver, None)
             if invalidated:
                 # As SQLAlchemy does: a lost server takes every pooled connection with
@@ -304,7 +304,7 @@ class Database:
                 conn.invalidate(error)
                 conn.engine.dispose(close=False)
             raise exc.DBAPIError.instance(
-                sql, params, error, dbapi.Error, connection_invalidated=invalidated
+                sql, params, error, dbapi_error, connection_invalidated=invalidated
             ) from error
         finally:
             cursor.close()

@@ -255,7 +255,7 @@ class Deferrer(Generic[P]):
             return eager_runner.run(self._job, rows, self._options.connection)
         db = _config.database()
         connection = self._options.connection
-        if _is_async(connection):
+        if connection is not None and _is_async(connection):
             raise TypeError("an async connection or session needs the *_async methods")
         if self._unique():
             return self._insert_unique(db, rows, connection)  # type: ignore[arg-type]

@@ -96,6 +96,16 @@ def db(backend: Backend) -> Database:
 
 
 @pytest.fixture
+def sqlite_only(tmp_path: Path) -> Iterator[Backend]:
+    """One migrated SQLite database: for behaviours no database changes, or SQLite's own."""
+    backend = Backend("sqlite", f"sqlite:///{tmp_path / 'tasklet.db'}", None)
+    backend.configure()
+    tasklet.upgrade()
+    yield backend
+    tasklet.configure()
+
+
+@pytest.fixture
 def pg_backend(fresh_schema: str) -> Iterator[Backend]:
     """A migrated Postgres schema only: for behaviours SQLite does not have (LISTEN/NOTIFY)."""
     backend = Backend("postgres", POSTGRES_URL, fresh_schema)

@@ -9,10 +9,11 @@ from collections import Counter
 import pytest
 import sqlalchemy as sa
 
-from tasklet import Job, job, storage
+from tasklet import Job, _config, job, storage
 from tasklet._database import Database
 from tasklet.schema import jobs, workers
 from tasklet.storage import Completion, utcnow
+from tasklet.storage._sql import SQLITE_CLAIM, SQLITE_QUEUES_WITH_WORK
 
 
 @pytest.fixture
@@ -100,6 +101,35 @@ def test_concurrent_claims_never_hand_out_a_job_twice(db: Database, noop: Job[..
 
     assert len(claimed) == 300
     assert [job_id for job_id, n in claimed.items() if n > 1] == []
+
+
+def test_a_claim_of_every_queue_takes_the_best_jobs_of_all_queues(
+    db: Database, noop: Job[..., None]
+) -> None:
+    low = noop.options(queue="a", priority=5).defer(i=1)
+    noop.options(queue="b", priority=5).defer(i=2)
+    urgent = noop.options(queue="c", priority=-1).defer(i=3)
+    first_normal = noop.options(queue="b").defer(i=4)
+    second_normal = noop.options(queue="a").defer(i=5)
+    _register(db, "w1")
+
+    claimed = _claim(db, "w1", limit=4)
+
+    assert [r.id for r in claimed] == [urgent.id, first_normal.id, second_normal.id, low.id]
+
+
+@pytest.mark.usefixtures("sqlite_only")
+def test_sqlite_claim_of_every_queue_reads_the_claim_index_in_order() -> None:
+    # Sorting the whole backlog on every claim made a claim's cost grow with the
+    # queue (4.9 ms a claim with 20k jobs queued); the plan shows it cannot.
+    db = _config.database()
+    claim = SQLITE_CLAIM.format(queue_filter=SQLITE_QUEUES_WITH_WORK)
+    params = {"worker_id": "w", "now": "", "names": "[]", "limit": 1}
+    with db.engine.connect() as conn:
+        plan = [row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {claim}", params)]
+
+    assert not [step for step in plan if step.startswith("SCAN jobs")], plan
+    assert "SEARCH jobs USING INDEX ix_jobs_queue_priority_run_at_id (queue=?)" in plan
 
 
 def test_finish_with_a_stale_lease_changes_nothing(db: Database, noop: Job[..., None]) -> None:

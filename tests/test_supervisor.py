@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import tasklet
 from tasklet._database import Database
 from tasklet._start import process_alive
 from tasklet.errors import TaskletError
@@ -35,16 +34,6 @@ def state(tmp_path: Path) -> Iterator[StateDir]:
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)  # its own session: the workers share its group
-
-
-@pytest.fixture
-def sqlite_only(tmp_path: Path) -> Iterator[Backend]:
-    """One migrated SQLite database, for behaviours of the supervisor that no database changes."""
-    backend = Backend("sqlite", f"sqlite:///{tmp_path / 'tasklet.db'}", None)
-    backend.configure()
-    tasklet.upgrade()
-    yield backend
-    tasklet.configure()
 
 
 def alive_by_queue(db: Database) -> dict[int, tuple[str, ...]]:

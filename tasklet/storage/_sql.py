@@ -392,6 +392,20 @@ RETURNING id, name, queue, priority, serializer, args, args_pickle, attempts, ma
           timeout, run_at, lease, trace_context
 """
 SQLITE_QUEUE_FILTER = "AND queue IN (SELECT value FROM json_each(:queues))"
+# A worker of every queue names the queues that have work, found by a skip scan
+# of the claim index: with ``queue = ?`` per queue SQLite reads each queue's best
+# jobs in index order and stops at the limit, where no queue filter at all would
+# read and sort the whole backlog on every claim.
+SQLITE_QUEUES_WITH_WORK = """AND queue IN (
+              WITH RECURSIVE queued(queue) AS (
+                   SELECT min(queue) FROM jobs
+                    WHERE status = 'queued' AND concurrency_key IS NULL
+                    UNION ALL
+                   SELECT (SELECT min(j.queue) FROM jobs AS j
+                            WHERE j.status = 'queued' AND j.concurrency_key IS NULL
+                              AND j.queue > queued.queue)
+                     FROM queued WHERE queued.queue IS NOT NULL)
+              SELECT queue FROM queued WHERE queue IS NOT NULL)"""
 
 # Under the write lock one statement is race-free: rank each key's due jobs and
 # claim those that fit in the room its running jobs leave.

@@ -23,6 +23,7 @@ from ._sql import (
     SQLITE_CLAIM,
     SQLITE_FINISH,
     SQLITE_QUEUE_FILTER,
+    SQLITE_QUEUES_WITH_WORK,
     SQLITE_RECORD_RUNS,
     ago,
     now,
@@ -160,7 +161,8 @@ class Claimer:
 
     def _claim_sqlite(self, limit: int) -> list[ClaimedJob]:
         # One statement: atomic, and it holds the write lock only while it runs.
-        sql = SQLITE_CLAIM.format(queue_filter="" if self._queues is None else SQLITE_QUEUE_FILTER)
+        queue_filter = SQLITE_QUEUES_WITH_WORK if self._queues is None else SQLITE_QUEUE_FILTER
+        sql = SQLITE_CLAIM.format(queue_filter=queue_filter)
         params = {
             "worker_id": self._worker_id,
             "now": sqlite_text(utcnow()),

@@ -161,11 +161,10 @@ def _sqlite_insert(db: Database, conn: Connection, new_jobs: Sequence[NewJob]) -
     if first.serializer == "json" and all(first.same_but_args(j) for j in new_jobs):
         # One statement, even outside a transaction: atomic, and it takes the write
         # lock (waiting up to the busy timeout) only while it runs.
-        params = {
-            **_shared_params(first),
-            "run_at": sqlite_text(first.run_at or now + dt.timedelta(seconds=first.delay_s)),
-            "now": sqlite_text(now),
-        }
+        params = _shared_params(first)
+        params["now"] = sqlite_text(now)
+        run_at = first.run_at or now + dt.timedelta(seconds=first.delay_s)
+        params["run_at"] = params["now"] if run_at == now else sqlite_text(run_at)
         if len(new_jobs) == 1:
             shape, params["args"], params["args_pickle"] = "one", _json_text(first), None
         else:
