@@ -227,10 +227,14 @@ class Job(Deferrer[P], Generic[P, R]):
                 f"job {self.name!r} names serializer {serializer!r}; tasklet knows 'json' "
                 "and 'pickle'"
             )
-        elif isinstance(args, dict):
-            arguments = _codec.decode_json(args)
         else:
-            raise SerializationError(f"stored arguments of job {self.name!r} are not a JSON object")
+            # JSON text from the database, or a dict from tasklet.testing.
+            decoded = _codec.decode_json_text(args) if isinstance(args, str) else args
+            if not isinstance(decoded, dict):
+                raise SerializationError(
+                    f"stored arguments of job {self.name!r} are not a JSON object"
+                )
+            arguments = decoded if isinstance(args, str) else _codec.decode_json(decoded)
         self._check_stored(arguments)
         return arguments
 

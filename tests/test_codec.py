@@ -24,6 +24,7 @@ from tasklet import (
     _codec,
     _config,
     job,
+    storage,
 )
 from tasklet._database import Database
 from tasklet.schema import jobs
@@ -160,6 +161,25 @@ def test_every_value_survives_a_round_trip_through_the_database(db: Database) ->
     assert not changed, f"changed by the round trip: {changed}"
 
 
+def test_every_value_survives_a_claim_as_json_text(db: Database) -> None:
+    @job
+    def keep(value: Any) -> None: ...
+
+    keep.defer_many([{"value": v} for v in LOSSLESS.values()])
+    claimed = storage.jobs_claim(
+        db, worker_id="w", queues=None, names=[keep.name], limit=len(LOSSLESS)
+    )
+
+    assert all(isinstance(row.args, str) for row in claimed)
+    decoded = [keep.decode(row.serializer, row.args, row.args_pickle)["value"] for row in claimed]
+    changed = {
+        label: (value, got)
+        for (label, value), got in zip(LOSSLESS.items(), decoded, strict=True)
+        if not same(got, value)
+    }
+    assert not changed, f"changed by the claim: {changed}"
+
+
 def test_unencodable_argument_raises_serialization_error_naming_it(db: Database) -> None:
     @job
     def keep(value: Any, other: int) -> None: ...
@@ -185,6 +205,16 @@ def test_serialization_error_is_a_type_error() -> None:
 def test_unknown_tag_in_a_stored_payload_is_refused() -> None:
     with pytest.raises(SerializationError, match="unknown payload tag"):
         _codec.decode_json({"value": {"__tasklet__": "martian", "v": 1}})
+
+
+def test_unknown_tag_in_stored_json_text_is_refused() -> None:
+    with pytest.raises(SerializationError, match="unknown payload tag"):
+        _codec.decode_json_text('{"value": {"__tasklet__": "martian", "v": 1}}')
+
+
+def test_malformed_tagged_value_in_json_text_is_a_serialization_error() -> None:
+    with pytest.raises(SerializationError, match="do not decode"):
+        _codec.decode_json_text('{"value": {"__tasklet__": "datetime", "v": "not a date"}}')
 
 
 # --------------------------------------------------------------------- pickle

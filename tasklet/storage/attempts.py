@@ -179,7 +179,6 @@ class Claimer:
 
 def _sqlite_claimed(row: Any) -> ClaimedJob:
     values = list(row)
-    values[5] = None if values[5] is None else json.loads(values[5])  # args: JSON text
     values[10] = as_utc(dt.datetime.fromisoformat(values[10]))  # run_at: naive UTC text
     return ClaimedJob(*values)
 
@@ -220,22 +219,32 @@ def jobs_finish(db: Database, completions: Sequence[Completion]) -> set[int]:
 
 
 def _finish_row(c: Completion) -> dict[str, Any]:
-    return {
+    # Only what differs from a plain success: _PG_FINISH fills in the rest.
+    row: dict[str, Any] = {
         "job_id": c.job_id,
         "lease": c.lease,
         "attempt": c.attempt,
         "worker_id": c.worker_id,
         "status": c.status,
-        "outcome": c.outcome,
-        "started_at": None if c.started_at is None else c.started_at.isoformat(),
         "finished_at": c.finished_at.isoformat(),
-        "delay_s": c.delay_s,
-        "refund": int(c.refund),
-        "record": c.record,
-        "error": c.error,
-        "traceback": c.traceback,
-        "result": c.result,
     }
+    if c.started_at is not None:
+        row["started_at"] = c.started_at.isoformat()
+    if c.outcome != c.status:
+        row["outcome"] = c.outcome
+    if c.delay_s:
+        row["delay_s"] = c.delay_s
+    if c.refund:
+        row["refund"] = 1
+    if not c.record:
+        row["record"] = False
+    if c.error is not None:
+        row["error"] = c.error
+    if c.traceback is not None:
+        row["traceback"] = c.traceback
+    if c.result is not None:
+        row["result"] = c.result
+    return row
 
 
 def _sqlite_finish(db: Database, conn: Connection, completions: Sequence[Completion]) -> set[int]:

@@ -123,7 +123,9 @@ class ClaimedJob:
     queue: str
     priority: int
     serializer: str
-    args: Any
+    #: The stored arguments as JSON text (decoded by the job, on the worker's loop), or
+    #: already decoded (tasklet.testing runs jobs without storing them).
+    args: str | dict[str, Any] | None
     args_pickle: bytes | None
     attempts: int
     max_attempts: int
