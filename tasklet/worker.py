@@ -691,6 +691,7 @@ class Worker:
 
 
 _frozen_by = 0  # workers running in this process (all on event loops of its threads)
+_workers_started = False  # whether a worker has run in this process before
 _frozen_lock = threading.Lock()
 
 
@@ -703,13 +704,16 @@ def _frozen_heap() -> Iterator[None]:
     objects are the process's long-lived ones. When the last worker stops they go
     back, so anything among them that has become garbage is still collected.
     """
-    global _frozen_by
+    global _frozen_by, _workers_started
     with _frozen_lock:
         _frozen_by += 1
         if _frozen_by == 1:
-            # Young garbage is collected first, not frozen with the rest (the older
-            # generation, where freezing would leave it, is only walked on a full pass).
-            gc.collect(1)
+            # Garbage is collected first, not frozen with the rest. An earlier worker
+            # of this process that has stopped sits in the oldest generation, where
+            # only a full pass finds it (and the connections it held); the first
+            # worker has none, and spares the process that pass over its whole heap.
+            gc.collect(2 if _workers_started else 1)
+            _workers_started = True
             gc.freeze()
     try:
         yield
