@@ -71,15 +71,18 @@ def test_fifty_start_stop_cycles_leave_nothing_behind(db: Database) -> None:
     assert slowest_stop < 5.0
     wait_for(lambda: tasklet_threads() == [])
     # Pools keep idle connections for reuse; what must not grow is their number.
-    # Closed connections leave the server a moment later (a busy machine: seconds);
-    # a leak of one per cycle would stay at 45 more, and fail.
+    # Closed connections leave the server a moment later (a busy machine: seconds).
+    # A pool may hold one or two idle connections more than it did after cycle 5
+    # (seen: 4 against 3, the same after gc.collect()); a leak of one per cycle
+    # would stay at 45 more, and fail.
+    slack = 2
     try:
-        wait_for(lambda: backends(db) <= settled, timeout=30)
+        wait_for(lambda: backends(db) <= settled + slack, timeout=30)
     except AssertionError:
         left = backends(db)
         gc.collect()  # tells a leak from connections only garbage still holds
         with contextlib.suppress(AssertionError):
-            wait_for(lambda: backends(db) <= settled, timeout=5)
+            wait_for(lambda: backends(db) <= settled + slack, timeout=5)
         raise AssertionError(
             f"{left} server connections after {CYCLES} cycles against {settled} after 5; "
             f"{backends(db)} once the garbage was collected"
