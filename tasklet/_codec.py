@@ -164,23 +164,7 @@ def _decode(value: Any) -> Any:
         return [_decode(v) for v in value]
     if not isinstance(value, dict):
         return value
-    tag = value.get(TAG)
-    if tag is None:
-        return {k: _decode(v) for k, v in value.items()}
-    if tag not in _CONTAINER_TAGS and tag not in _DECODERS:
-        raise SerializationError(f"unknown payload tag {tag!r}: was it written by a newer tasklet?")
-    inner = value["v"]
-    if tag == "tuple":
-        return tuple(_decode(v) for v in inner)
-    if tag == "set":
-        return {_decode(v) for v in inner}
-    if tag == "frozenset":
-        return frozenset(_decode(v) for v in inner)
-    if tag == "dict":
-        return {_decode(k): _decode(v) for k, v in inner}
-    if tag == "enum":
-        return _find_enum(inner[0])(_decode(inner[1]))
-    return _DECODERS[tag](inner)
+    return _untag({k: _decode(v) for k, v in value.items()})
 
 
 def encode_json(arguments: Mapping[str, Any], max_bytes: int | None) -> dict[str, Any]:
@@ -220,7 +204,7 @@ def decode_json(payload: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _untag(value: dict[str, Any]) -> Any:
-    """One JSON object as :func:`_decode` reads it, its members already decoded."""
+    """One JSON object, its members already decoded: a tagged one becomes its value."""
     tag = value.get(TAG)
     if tag is None:
         return value

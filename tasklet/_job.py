@@ -229,12 +229,16 @@ class Job(Deferrer[P], Generic[P, R]):
             )
         else:
             # JSON text from the database, or a dict from tasklet.testing.
-            decoded = _codec.decode_json_text(args) if isinstance(args, str) else args
+            decoded: Any = None
+            if isinstance(args, str):
+                decoded = _codec.decode_json_text(args)
+            elif isinstance(args, dict):
+                decoded = _codec.decode_json(args)
             if not isinstance(decoded, dict):
                 raise SerializationError(
                     f"stored arguments of job {self.name!r} are not a JSON object"
                 )
-            arguments = decoded if isinstance(args, str) else _codec.decode_json(decoded)
+            arguments = decoded
         self._check_stored(arguments)
         return arguments
 
