@@ -100,19 +100,19 @@ jobs = sa.Table(
     sa.Column("cancel_requested_at", _Time, nullable=True),
     # The W3C trace context of the defer (JSON: traceparent, tracestate) while tracing is on.
     sa.Column("trace_context", sa.Text(), nullable=True),
-    # The state invariants, on every database.
-    sa.CheckConstraint("status <> 'running' OR locked_by IS NOT NULL", name="running_held"),
-    sa.CheckConstraint(
-        f"NOT ({_in('status', TERMINAL_STATUSES)}) OR finished_at IS NOT NULL",
-        name="terminal_finished",
-    ),
-    # Value checks, on SQLite only: PostgreSQL compiles every CHECK afresh for each
-    # INSERT statement, and these four were most of a one-row enqueue's server time
-    # (migration 0003). tasklet writes these values itself; the worker refuses a
-    # serializer or payload it does not know (Job.decode).
+    # CHECKs on SQLite only: PostgreSQL compiles every CHECK afresh for each INSERT
+    # or UPDATE statement, and they were most of a one-row enqueue's server time
+    # (migrations 0003 and 0004). tasklet writes these values itself; the worker
+    # refuses a serializer or payload it does not know (Job.decode), and the test
+    # suite checks the two state invariants on PostgreSQL after every test.
     *(
         check.ddl_if(dialect="sqlite")
         for check in (
+            sa.CheckConstraint("status <> 'running' OR locked_by IS NOT NULL", name="running_held"),
+            sa.CheckConstraint(
+                f"NOT ({_in('status', TERMINAL_STATUSES)}) OR finished_at IS NOT NULL",
+                name="terminal_finished",
+            ),
             sa.CheckConstraint(_in("status", JOB_STATUSES), name="status"),
             sa.CheckConstraint(_in("serializer", SERIALIZERS), name="serializer"),
             sa.CheckConstraint(

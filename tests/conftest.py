@@ -83,11 +83,20 @@ def empty_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ba
     tasklet.configure()
 
 
+def _check_state_invariants(backend: Backend) -> None:
+    breaches = backend.state_invariant_breaches()
+    assert not breaches, f"jobs left breaking a state invariant (id, status, locked_by): {breaches}"
+
+
 @pytest.fixture
-def backend(empty_backend: Backend) -> Backend:
-    """tasklet configured on a freshly migrated database, SQLite or Postgres."""
+def backend(empty_backend: Backend) -> Iterator[Backend]:
+    """tasklet configured on a freshly migrated database, SQLite or Postgres.
+
+    After the test, no job it left may break a state invariant.
+    """
     tasklet.upgrade()
-    return empty_backend
+    yield empty_backend
+    _check_state_invariants(empty_backend)
 
 
 @pytest.fixture
@@ -112,6 +121,7 @@ def pg_backend(fresh_schema: str) -> Iterator[Backend]:
     backend.configure()
     tasklet.upgrade()
     yield backend
+    _check_state_invariants(backend)
     tasklet.configure()
 
 

@@ -60,6 +60,23 @@ class Backend:
         with self.connect() as conn:
             return set(sa.inspect(conn).get_table_names())
 
+    def state_invariant_breaches(self) -> list[tuple[int, str, str | None]]:
+        """Jobs that break a state invariant: (id, status, locked_by).
+
+        A running job has a holder; a terminal job has ``finished_at``. SQLite's
+        CHECKs hold these; on PostgreSQL they are not CHECKs (migration 0004), so
+        the fixtures run this after every test instead.
+        """
+        with self.connect() as conn:
+            if not sa.inspect(conn).has_table("jobs"):
+                return []
+            rows = conn.exec_driver_sql(
+                "SELECT id, status, locked_by FROM jobs"
+                " WHERE (status = 'running' AND locked_by IS NULL)"
+                " OR (status IN ('succeeded', 'failed', 'cancelled') AND finished_at IS NULL)"
+            )
+            return [(row[0], row[1], row[2]) for row in rows]
+
     def configure(self) -> Database:
         tasklet.configure(self.url, schema=self.schema)
         return _config.database()
