@@ -61,21 +61,21 @@ def main() -> None:
                 conn.exec_driver_sql("CHECKPOINT")
 
         claims: list[tuple[float, float, int]] = []  # start, end, jobs
-        claim = attempts.Claimer.claim
+        claim = attempts.Claimer.claim_async
 
-        def timed_claim(self: attempts.Claimer, limit: int) -> list[Any]:
+        async def timed_claim(self: attempts.Claimer, limit: int) -> list[Any]:
             began = time.perf_counter()
-            rows = claim(self, limit)
+            rows = await claim(self, limit)
             claims.append((began, time.perf_counter(), len(rows)))
             return rows
 
-        attempts.Claimer.claim = timed_claim  # type: ignore[method-assign]
+        attempts.Claimer.claim_async = timed_claim  # type: ignore[method-assign]
         machine, own = _machine_cpu_s(), _own_cpu_s()
         began = time.perf_counter()
         stats = tasklet.Worker(tasklet.WorkerSettings(concurrency=CONCURRENCY)).run_sync(drain=True)
         wall = time.perf_counter() - began
         machine, own = _machine_cpu_s() - machine, _own_cpu_s() - own
-        attempts.Claimer.claim = claim  # type: ignore[method-assign]
+        attempts.Claimer.claim_async = claim  # type: ignore[method-assign]
     finally:
         if schema is not None:
             with sa.create_engine(URL).begin() as conn:

@@ -154,6 +154,16 @@ class Database:
             return {}
         return {"schema_translate_map": {None: self.schema}}
 
+    @property
+    def native_async(self) -> bool:
+        """Whether async callers can use :meth:`connect_async` (no thread hop).
+
+        Only for PostgreSQL on an engine tasklet made: a connection opened from
+        the URL alone would miss what a user's engine adds (``connect_args``,
+        events that set the ``search_path``).
+        """
+        return self.dialect == "postgresql" and self.owns_engine
+
     @functools.cached_property
     def wake_key(self) -> str:
         """Identifies this database among the workers of one process (see tasklet._wakeup)."""
@@ -234,31 +244,59 @@ class Database:
         Lets ``defer_async`` enqueue without a thread hop. A few idle connections
         are kept per event loop, and closed with the loop or by :meth:`dispose`.
         """
-        import psycopg
-
         with self.translate_errors():
             idle = self._idle_async_connections()
-            try:
-                conn = idle.pop() if idle else await self._async_connect()
-            except psycopg.Error as error:  # while connecting: no statement ran
-                raise exc.DBAPIError.instance(None, None, error, psycopg.Error) from error
-            try:
-                cursor = await conn.execute(sql, params)
-                rows = await cursor.fetchall()
-            except psycopg.Error as error:
-                await conn.close()
-                raise exc.DBAPIError.instance(
-                    sql,
-                    params,
-                    error,
-                    psycopg.Error,
-                    connection_invalidated=isinstance(error, psycopg.OperationalError),
-                ) from error
+            conn = idle.pop() if idle else await self.connect_async()
+            rows = await self.execute_on_async(conn, sql, params)
         if len(idle) < _ASYNC_IDLE_MAX:
             idle.append(conn)
         else:
             await conn.close()
-        return list(rows)
+        return rows
+
+    async def connect_async(self, application_name: str | None = None) -> Any:
+        """A new async psycopg connection in autocommit (PostgreSQL), for this event loop.
+
+        Its user closes it; :meth:`dispose` closes what is left. Errors come out
+        as SQLAlchemy's, as from :meth:`execute_on_async`. ``application_name``
+        names it in ``pg_stat_activity``.
+        """
+        import psycopg
+
+        conninfo = self.conninfo
+        if application_name is not None:
+            conninfo = psycopg.conninfo.make_conninfo(
+                conninfo, application_name=application_name[:63]
+            )
+        try:
+            conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        except psycopg.Error as error:  # while connecting: no statement ran
+            raise exc.DBAPIError.instance(None, None, error, psycopg.Error) from error
+        self._async_all.add(conn)
+        return conn
+
+    async def execute_on_async(
+        self, conn: Any, sql: str, params: dict[str, Any] | None
+    ) -> list[Any]:
+        """Run ``sql`` on a connection from :meth:`connect_async`: its rows, if it has any.
+
+        A driver error comes out as SQLAlchemy's (so :meth:`translate_errors`
+        names its remedy), and the connection is closed: its user opens another.
+        """
+        import psycopg
+
+        try:
+            cursor = await conn.execute(sql, params)
+            return list(await cursor.fetchall()) if cursor.description is not None else []
+        except psycopg.Error as error:
+            await conn.close()
+            raise exc.DBAPIError.instance(
+                sql,
+                params,
+                error,
+                psycopg.Error,
+                connection_invalidated=isinstance(error, psycopg.OperationalError),
+            ) from error
 
     def _idle_async_connections(self) -> list[Any]:
         loop = asyncio.get_running_loop()
@@ -268,13 +306,6 @@ class Database:
             # Close what is left when the loop goes away (it cannot be awaited then).
             weakref.finalize(loop, _finish_connections, idle)
         return idle
-
-    async def _async_connect(self) -> Any:
-        import psycopg
-
-        conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
-        self._async_all.add(conn)
-        return conn
 
     def driver_execute(self, conn: Connection, sql: str, params: dict[str, Any]) -> list[Any]:
         """Run pre-compiled SQL on ``conn``'s driver connection, in its transaction.

