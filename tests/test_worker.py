@@ -455,9 +455,22 @@ def test_worker_registers_itself_while_running_and_leaves_on_stop(db: Database) 
     assert registered() == []
 
 
-def test_listener_reconnects_and_still_wakes_the_worker(pg_db: Database) -> None:
+def _terminate(db: Database, application_name: str) -> int:
+    """Kill the server connections of that name, as a failover would; how many there were."""
     import sqlalchemy as sa
 
+    with db.engine.begin() as conn:
+        killed = conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = :name"
+            ),
+            {"name": application_name[:63]},  # what PostgreSQL keeps of a name
+        ).all()
+    return sum(1 for (ok,) in killed if ok)
+
+
+def test_listener_reconnects_and_still_wakes_the_worker(pg_db: Database) -> None:
     done = threading.Event()
 
     @job(name="t.after_reconnect")
@@ -468,15 +481,7 @@ def test_listener_reconnects_and_still_wakes_the_worker(pg_db: Database) -> None
         listener = worker.listener
         assert listener is not None and listener.connected.wait(10)
         assert worker.idle.wait(10)
-        with pg_db.engine.begin() as conn:
-            killed = conn.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE application_name = :name"
-                ),
-                {"name": listener.application_name},
-            ).all()
-        assert killed == [(True,)]
+        assert _terminate(pg_db, listener.application_name) == 1
         wait_for(lambda: listener.connections >= 2 and listener.connected.is_set())
         assert worker.idle.wait(10)
         # Written by storage directly: no in-process wake-up, only NOTIFY can start it.
@@ -500,8 +505,6 @@ def no_limited_jobs() -> Iterator[None]:
 @pytest.mark.usefixtures("no_limited_jobs")
 def test_a_worker_whose_claim_connection_is_killed_claims_on_a_new_one(pg_db: Database) -> None:
     """A worker of unlimited jobs claims on an async connection named after it."""
-    import sqlalchemy as sa
-
     done = threading.Event()
 
     @job(name="t.after_claimer_lost")
@@ -510,15 +513,7 @@ def test_a_worker_whose_claim_connection_is_killed_claims_on_a_new_one(pg_db: Da
 
     with BackgroundWorker(WorkerSettings(poll_s=0.1)) as worker:
         assert worker.idle.wait(10)
-        with pg_db.engine.begin() as conn:
-            killed = conn.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE application_name = :name"
-                ),
-                {"name": f"tasklet-claimer {worker.id}"[:63]},
-            ).all()
-        assert killed == [(True,)]
+        assert _terminate(pg_db, f"tasklet-claimer {worker.id}") == 1
         ran.defer()
         assert done.wait(10), "the worker did not claim again after losing its connection"
 
