@@ -26,9 +26,35 @@ import cloudpickle  # type: ignore[import-untyped,unused-ignore]
 from .errors import PayloadTooLargeError, SerializationError
 
 TAG: Final = "__tasklet__"
-#: JSON text without spaces, as tasklet stores and sends it (one encoder, built once:
-#: ``json.dumps`` with options builds a new one per call).
-compact_json: Final = json.JSONEncoder(separators=(",", ":")).encode
+
+def _unserializable(value: object) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _compact_encoder() -> Callable[[Any], str]:
+    """JSON text without spaces, as tasklet stores and sends it.
+
+    ``JSONEncoder.encode`` builds its C encoder afresh on every call, which was
+    half of the 4.5 µs it takes for a one-argument job; this one is built once.
+    It skips the check for circular containers: every value it is given has
+    been walked by ``_encode`` or built by tasklet. Other Pythons than CPython
+    may have no C encoder: they get the standard one.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # pragma: no cover - CPython always has it
+        return json.JSONEncoder(separators=(",", ":")).encode
+    encode = make(
+        None, _unserializable, json.encoder.encode_basestring_ascii, None, ":", ",",
+        False, False, True,
+    )  # fmt: skip
+
+    def compact(value: Any) -> str:
+        return "".join(encode(value, 0))
+
+    return compact
+
+
+compact_json: Final = _compact_encoder()
 
 _PICKLE_MAGIC: Final = b"tasklet-pickle/"
 PYTHON_VERSION: Final = f"{sys.version_info.major}.{sys.version_info.minor}"

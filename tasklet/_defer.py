@@ -315,29 +315,39 @@ class Deferrer(Generic[P]):
         if eager_runner is not None:
             return await eager_runner.run_async(self._job, rows, self._options.connection)
         connection = self._options.connection
-        if _is_async(connection):
-            db = _config.database()
-            if self._unique():
-
-                def insert_unique(sync: Connection | Session) -> list[JobHandle]:
-                    return self._insert_unique(db, rows, sync)
-
-                return await connection.run_sync(insert_unique)
-
-            def insert(sync: Connection | Session) -> list[int]:
-                return storage.jobs_insert(db, rows, _sync_connection(sync))
-
-            ids = await connection.run_sync(insert)
-            return [JobHandle(id=job_id, name=self._job.name) for job_id in ids]
         if connection is not None:
-            return await anyio.to_thread.run_sync(self._write, rows)
+            if not _is_async(connection):
+                return await anyio.to_thread.run_sync(self._write, rows)
+            return await self._write_on_async(connection, rows)
         db = _config.database()
         if self._unique():
             inserted = await storage.jobs_insert_unique_async(db, rows)
             _publish_created(db, rows, inserted)
             return [JobHandle(id=i.id, name=i.name, created=i.created) for i in inserted]
         ids = await storage.jobs_insert_async(db, rows, notify=_wakeup.notify_now(db.wake_key))
+        name = self._job.name
+        if len(rows) == 1:  # defer_async: the hot path of a web request
+            _wakeup.publish(db.wake_key, (rows[0].queue,))
+            return [JobHandle(id=ids[0], name=name)]
         _wakeup.publish(db.wake_key, {row.queue for row in rows})
+        return [JobHandle(id=job_id, name=name) for job_id in ids]
+
+    async def _write_on_async(
+        self, connection: AsyncConnection | AsyncSession, rows: list[storage.NewJob]
+    ) -> list[JobHandle]:
+        """Write into the caller's async transaction (run on its sync view, in its greenlet)."""
+        db = _config.database()
+        if self._unique():
+
+            def insert_unique(sync: Connection | Session) -> list[JobHandle]:
+                return self._insert_unique(db, rows, sync)
+
+            return await connection.run_sync(insert_unique)
+
+        def insert(sync: Connection | Session) -> list[int]:
+            return storage.jobs_insert(db, rows, _sync_connection(sync))
+
+        ids = await connection.run_sync(insert)
         return [JobHandle(id=job_id, name=self._job.name) for job_id in ids]
 
 

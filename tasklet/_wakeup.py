@@ -60,16 +60,20 @@ _last_notify: dict[str, float] = {}
 
 
 def notify_now(key: str) -> bool:
-    """Whether a defer that commits at once should send NOTIFY (see the module's docstring)."""
+    """Whether a defer that commits at once should send NOTIFY (see the module's docstring).
+
+    No lock: two threads that race here both notify, which only costs a NOTIFY.
+    """
     now = time.monotonic()
-    with _lock:
-        if now - _last_notify.get(key, -1.0) < NOTIFY_EVERY_S:
-            return False
-        _last_notify[key] = now
-        return True
+    if now - _last_notify.get(key, -1.0) < NOTIFY_EVERY_S:
+        return False
+    _last_notify[key] = now
+    return True
 
 
 def publish(key: str, queues: Iterable[str]) -> None:
+    if not _local.get(key):  # no worker in this process: the common case of a web app
+        return
     with _lock:
         wakes = list(_local.get(key, ()))
     for wake in wakes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections import Counter
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -243,3 +245,40 @@ def test_clear_deletes_queued_jobs_of_the_given_queues_only(
 
     assert storage.jobs_clear(db, queues=["default"]) == 2
     assert storage.jobs_count(db) == {"queued": 1}
+
+
+_PLANS = "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE '%%candidates%%'"
+
+
+def test_a_claimer_plans_its_claim_once(pg_db: Database, noop: Job[..., None]) -> None:
+    noop.defer_many([{"i": i} for i in range(20)])
+    claimer = storage.Claimer(pg_db, worker_id="w1", queues=None, names=["s.noop"])
+    try:
+        for _ in range(10):  # psycopg prepares a statement from its fifth run
+            claimer.claim(1)
+        plans = claimer._connection().exec_driver_sql(_PLANS).all()
+    finally:
+        claimer.close()
+    _assert_generic_only(plans)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_an_async_claimer_plans_its_claim_once(pg_db: Database, noop: Job[..., None]) -> None:
+    noop.defer_many([{"i": i} for i in range(20)])
+    claimer = storage.Claimer(pg_db, worker_id="w1", queues=None, names=["s.noop"])
+    try:
+        for _ in range(10):
+            await claimer.claim_async(1)
+        plans = await pg_db.execute_on_async(claimer._async_conn, _PLANS.replace("%%", "%"), None)
+    finally:
+        await claimer.close_async()
+    _assert_generic_only(plans)
+
+
+def _assert_generic_only(plans: Sequence[Any]) -> None:
+    """One prepared claim, run on its generic plan every time (never planned afresh)."""
+    assert len(plans) == 1
+    generic, custom = plans[0]
+    assert generic > 0
+    assert custom == 0

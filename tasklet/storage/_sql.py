@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import hashlib
 from collections.abc import Sequence
+from typing import Final, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -45,18 +46,70 @@ def table(schema: str | None, name: str) -> str:
 
 # Enqueue. One statement, one round trip, and in autocommit one commit: the
 # rows go in, and pg_notify tells listening workers once the transaction commits.
-_INSERT_COLUMNS = """name, queue, priority, status, serializer, args, args_pickle, attempts,
-    max_attempts, lost_count, timeout, run_at, created_at, lease, unique_key, concurrency_key,
-    concurrency_limit, trace_context"""
 
-_PG_INSERT_ONE = """
-INSERT INTO {jobs} ({columns})
-VALUES (%(name)s, %(queue)s, %(priority)s, 'queued', %(serializer)s, %(args)s::jsonb,
-        %(args_pickle)s, 0, %(max_attempts)s, 0, %(timeout)s,
-        COALESCE(%(run_at)s::timestamptz, now() + %(delay_s)s * interval '1 second'), now(), 0,
-        %(unique_key)s, %(concurrency_key)s, %(concurrency_limit)s, %(trace_context)s)
-RETURNING id, queue
-"""
+INSERT_COLUMNS: Final = (
+    "name", "queue", "priority", "status", "serializer", "args", "args_pickle", "attempts",
+    "max_attempts", "lost_count", "timeout", "run_at", "created_at", "lease", "unique_key",
+    "concurrency_key", "concurrency_limit", "trace_context",
+)  # fmt: skip
+#: Columns a new row binds only when it has a value; the statement says NULL otherwise.
+OPTIONAL_COLUMNS: Final = (
+    "timeout", "unique_key", "concurrency_key", "concurrency_limit", "trace_context"
+)  # fmt: skip
+
+
+class RowShape(NamedTuple):
+    """Which values a single-row (or same-but-arguments) insert binds as parameters.
+
+    Every bound parameter costs the client and the server a few µs of a one-row
+    enqueue that is bound by its round trip: a job that sets no timeout, key or
+    trace binds five, not fifteen. Each shape is one statement text, which the
+    driver prepares once per connection.
+    """
+
+    serializer: str  # 'json' binds args, 'pickle' binds args_pickle
+    due: str  # 'now', 'at' (binds run_at) or 'in' (binds delay_s; SQLite: run_at)
+    bound: tuple[str, ...]  # the OPTIONAL_COLUMNS this row has a value for
+
+
+def _insert_values(postgres: bool, shape: RowShape, *, same: bool) -> str:
+    """The value of each of INSERT_COLUMNS; ``same`` reads the arguments from ``a.value``."""
+
+    def bind(name: str) -> str:
+        return f"%({name})s" if postgres else f":{name}"
+
+    now = "now()" if postgres else ":now"
+    if same:
+        args = "a.value::jsonb" if postgres else "a.value"
+    else:
+        args = f"{bind('args')}::jsonb" if postgres else bind("args")
+    if shape.due == "now":
+        run_at = now
+    elif not postgres:  # the caller works out when it is due, by the process's clock
+        run_at = bind("run_at")
+    elif shape.due == "in":
+        run_at = f"now() + {bind('delay_s')} * interval '1 second'"
+    else:
+        run_at = f"{bind('run_at')}::timestamptz"
+    pickled = shape.serializer == "pickle"
+    values = {
+        "name": bind("name"),
+        "queue": bind("queue"),
+        "priority": bind("priority"),
+        "status": "'queued'",
+        "serializer": "'pickle'" if pickled else "'json'",
+        "args": "NULL" if pickled else args,
+        "args_pickle": bind("args_pickle") if pickled else "NULL",
+        "attempts": "0",
+        "max_attempts": bind("max_attempts"),
+        "lost_count": "0",
+        "run_at": run_at,
+        "created_at": now,
+        "lease": "0",
+        **{c: bind(c) if c in shape.bound else "NULL" for c in OPTIONAL_COLUMNS},
+    }
+    return ", ".join(values[c] for c in INSERT_COLUMNS)
+
 
 # Many rows travel as one JSON array that PostgreSQL unpacks with
 # json_to_recordset: the client pays one json.dumps, not an adapter per value.
@@ -74,25 +127,28 @@ RETURNING id, queue
 """
 
 
-# defer_many: the rows differ in their arguments only, sent as one JSON array.
-_PG_INSERT_SAME = """
-INSERT INTO {jobs} ({columns})
-SELECT %(name)s, %(queue)s, %(priority)s, 'queued', %(serializer)s, a.value::jsonb, NULL, 0,
-       %(max_attempts)s, 0, %(timeout)s,
-       COALESCE(%(run_at)s::timestamptz, now() + %(delay_s)s * interval '1 second'), now(), 0,
-       %(unique_key)s, %(concurrency_key)s, %(concurrency_limit)s, %(trace_context)s
-  FROM json_array_elements(%(args)s::json) WITH ORDINALITY AS a(value, n)
- ORDER BY a.n
-RETURNING id, queue
-"""
+def _pg_insert(schema: str | None, shape: RowShape | None, same: bool) -> str:
+    """Insert one row, rows that differ in their arguments only (``same``), or any rows
+    (``shape`` None: defer_many of rows that differ in more)."""
+    columns = ", ".join(INSERT_COLUMNS)
+    if shape is None:
+        return _PG_INSERT_MANY.format(jobs=table(schema, "jobs"), columns=columns)
+    values = _insert_values(True, shape, same=same)
+    rows = (
+        # defer_many: the rows differ in their arguments only, sent as one JSON array.
+        f"SELECT {values}\n  FROM json_array_elements(%(args)s::json) WITH ORDINALITY"
+        " AS a(value, n)\n ORDER BY a.n"
+        if same
+        else f"VALUES ({values})"
+    )
+    return f"INSERT INTO {table(schema, 'jobs')} ({columns})\n{rows}\nRETURNING id, queue"
 
-_PG_INSERTS = {"one": _PG_INSERT_ONE, "same": _PG_INSERT_SAME, "many": _PG_INSERT_MANY}
 
-
-@functools.lru_cache(maxsize=64)
-def pg_insert_sql(schema: str | None, *, shape: str, notify: bool) -> str:
-    """Insert one row, rows that differ in their arguments only, or any rows."""
-    insert = _PG_INSERTS[shape].format(jobs=table(schema, "jobs"), columns=_INSERT_COLUMNS)
+@functools.lru_cache(maxsize=256)
+def pg_insert_sql(schema: str | None, shape: RowShape | None, *, same: bool, notify: bool) -> str:
+    """Insert jobs (see :func:`_pg_insert`), returning (id, queue) or, with ``notify``,
+    (id, NOTIFY of its queue)."""
+    insert = _pg_insert(schema, shape, same)
     if not notify:
         return insert
     return f"WITH inserted AS ({insert}) SELECT id, pg_notify(%(channel)s, queue) FROM inserted"
@@ -116,51 +172,38 @@ SELECT id, name, unique_key, false, NULL FROM {jobs}
 """
 
 
-@functools.lru_cache(maxsize=64)
-def pg_insert_unique_sql(schema: str | None, *, shape: str, notify: bool) -> str:
+@functools.lru_cache(maxsize=256)
+def pg_insert_unique_sql(
+    schema: str | None, shape: RowShape | None, *, same: bool, notify: bool
+) -> str:
     """:func:`pg_insert_sql` for jobs with unique keys: rows of (id, name, key, created)."""
-    jobs_table = table(schema, "jobs")
-    insert = _PG_INSERTS[shape].format(jobs=jobs_table, columns=_INSERT_COLUMNS)
+    insert = _pg_insert(schema, shape, same)
     return _PG_UNIQUE.format(
         insert=insert.rpartition("RETURNING")[0].rstrip(),
         active=_UNIQUE_ACTIVE,
         notify="pg_notify(%(channel)s, queue)::text" if notify else "NULL",
-        jobs=jobs_table,
+        jobs=table(schema, "jobs"),
     )
 
 
-# SQLite: one row, or rows that differ in their arguments only (JSON1's json_each).
-# Timestamps are naive UTC text (see rows.sqlite_time), bound by the caller.
-_SQLITE_INSERT_ONE = """
-INSERT INTO jobs ({columns})
-VALUES (:name, :queue, :priority, 'queued', :serializer, :args, :args_pickle, 0,
-        :max_attempts, 0, :timeout, :run_at, :now, 0, :unique_key, :concurrency_key,
-        :concurrency_limit, :trace_context)
-RETURNING id
-"""
-_SQLITE_INSERT_SAME = """
-INSERT INTO jobs ({columns})
-SELECT :name, :queue, :priority, 'queued', :serializer, a.value, NULL, 0,
-       :max_attempts, 0, :timeout, :run_at, :now, 0, :unique_key, :concurrency_key,
-       :concurrency_limit, :trace_context
-  FROM json_each(:args) AS a
- ORDER BY a.key
-RETURNING id
-"""
-SQLITE_INSERTS = {
-    shape: sql.format(columns=_INSERT_COLUMNS)
-    for shape, sql in (
-        ("one", _SQLITE_INSERT_ONE),
-        ("same", _SQLITE_INSERT_SAME),
-    )
-}
+@functools.lru_cache(maxsize=256)
+def sqlite_insert_sql(shape: RowShape, *, same: bool, unique: bool = False) -> str:
+    """SQLite: one row, or rows that differ in their arguments only (JSON1's json_each).
+
+    Timestamps are naive UTC text (see rows.sqlite_time), bound by the caller as
+    ``now`` and, for a row due later, ``run_at``. ``unique`` (one row) leaves out a
+    row whose key an active job holds.
+    """
+    columns = ", ".join(INSERT_COLUMNS)
+    values = _insert_values(False, shape, same=same)
+    if same:
+        rows = f"SELECT {values}\n  FROM json_each(:args) AS a\n ORDER BY a.key"
+    else:
+        rows = f"VALUES ({values})"
+    conflict = f"\nON CONFLICT (unique_key) WHERE {_UNIQUE_ACTIVE} DO NOTHING" if unique else ""
+    return f"INSERT INTO jobs ({columns})\n{rows}{conflict}\nRETURNING id"
 
 
-# SQLite writes unique jobs one by one inside one write transaction, which holds
-# the lock: a key the insert left out is held by a job the lookup finds.
-SQLITE_INSERT_UNIQUE = SQLITE_INSERTS["one"].replace(
-    "RETURNING id", f"ON CONFLICT (unique_key) WHERE {_UNIQUE_ACTIVE} DO NOTHING\nRETURNING id"
-)
 SQLITE_UNIQUE_HOLDER = (
     f"SELECT id, name FROM jobs WHERE unique_key = :unique_key AND {_UNIQUE_ACTIVE}"
 )

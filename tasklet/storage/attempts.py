@@ -35,8 +35,13 @@ from ._sql import (
 from .limited import LimitedClaims
 from .rows import ClaimedJob, Completion, JobRow, as_utc, sqlite_text, utcnow
 
-# A claimer's connection does not wait for the disk at commit (see Claimer).
-_NO_SYNC_WAIT = "SET synchronous_commit = off"
+# A claimer's connection does not wait for the disk at commit (see Claimer), and
+# plans its prepared claim once: PostgreSQL would otherwise plan it afresh at every
+# claim (it prices the custom plan lower), 0.25 ms of a 1.8 ms claim of 100 jobs.
+# The claim's plan does not depend on its parameters (a LATERAL probe of the claim
+# index per queue), so the generic plan is the custom one without the planning.
+_CLAIM_SESSION = "SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan"
+_CLAIM_SESSION_RESET = "RESET synchronous_commit; RESET plan_cache_mode"
 
 
 def _by_claim_order(claimed: list[ClaimedJob]) -> list[ClaimedJob]:
@@ -131,7 +136,7 @@ class Claimer:
             try:
                 if self._async_conn is None:
                     conn = await self._db.connect_async(self.application_name)
-                    await self._db.execute_on_async(conn, _NO_SYNC_WAIT, None)
+                    await self._db.execute_on_async(conn, _CLAIM_SESSION, None)
                     self._async_conn = conn
                 rows = await self._db.execute_on_async(self._async_conn, sql, params)
             except exc.DBAPIError:
@@ -179,7 +184,7 @@ class Claimer:
     def _connection(self) -> Connection:
         if self._conn is None:
             conn = self._db.autocommit_engine.connect()
-            conn.exec_driver_sql(_NO_SYNC_WAIT)
+            conn.exec_driver_sql(_CLAIM_SESSION)
             self._conn = conn
         return self._conn
 
@@ -190,7 +195,7 @@ class Claimer:
         # A connection lost with its server cannot (and need not) be reset.
         if not conn.invalidated:
             with contextlib.suppress(exc.SQLAlchemyError):
-                conn.exec_driver_sql("RESET synchronous_commit")
+                conn.exec_driver_sql(_CLAIM_SESSION_RESET)
         with contextlib.suppress(exc.SQLAlchemyError):
             conn.close()
 

@@ -15,7 +15,15 @@ from sqlalchemy.engine import Connection
 from .._codec import compact_json
 from .._database import Database
 from ..schema import job_runs, jobs, paused_queues
-from ._sql import SQLITE_INSERTS, in_queues, now, pg_insert_sql, pg_insert_unique_sql
+from ._sql import (
+    OPTIONAL_COLUMNS,
+    RowShape,
+    in_queues,
+    now,
+    pg_insert_sql,
+    pg_insert_unique_sql,
+    sqlite_insert_sql,
+)
 from .rows import JobRow, NewJob, RunRow, as_utc, sqlite_text, sqlite_time, utcnow
 
 # Rows are written in the order given and each takes the next rowid, under the write
@@ -28,7 +36,8 @@ def _pg_insert(
     db: Database, conn: Connection, new_jobs: Sequence[NewJob], notify: bool
 ) -> list[int]:
     sql, params = _pg_insert_statement(db, new_jobs, notify)
-    return sorted(row[0] for row in db.driver_execute(conn, sql, params))
+    rows = db.driver_execute(conn, sql, params)
+    return [rows[0][0]] if len(rows) == 1 else sorted(row[0] for row in rows)
 
 
 def _pg_insert_statement(
@@ -39,24 +48,23 @@ def _pg_insert_statement(
     ``unique`` builds the variant for jobs with unique keys (see storage/unique.py).
     """
     first = new_jobs[0]
-    params = {
-        **_shared_params(first),
-        "run_at": first.run_at,
-        "delay_s": first.delay_s,
-        "channel": db.notify_channel,
-    }
-    if len(new_jobs) == 1:
-        shape = "one"
-        params["args"] = _json_text(first)
-        params["args_pickle"] = first.args_pickle
-    elif first.serializer == "json" and all(first.same_but_args(j) for j in new_jobs):
-        shape = "same"  # defer_many: only the arguments differ
-        params["args"] = compact_json([j.args for j in new_jobs])
-    else:
-        shape = "many"
-        params = {"rows": _pg_rows_json(new_jobs), "channel": db.notify_channel}
     build = pg_insert_unique_sql if unique else pg_insert_sql
-    return build(db.schema, shape=shape, notify=notify), params
+    shape: RowShape | None
+    if len(new_jobs) == 1:
+        shape, params = row_shape(first)
+        if shape.serializer == "json":
+            params["args"] = _json_text(first)
+        same = False
+    elif first.serializer == "json" and all(first.same_but_args(j) for j in new_jobs):
+        shape, params = row_shape(first)  # defer_many: only the arguments differ
+        params["args"] = compact_json([j.args for j in new_jobs])
+        same = True
+    else:
+        shape, same = None, False
+        params = {"rows": _pg_rows_json(new_jobs)}
+    if notify:
+        params["channel"] = db.notify_channel
+    return build(db.schema, shape, same=same, notify=notify), params
 
 
 async def jobs_insert_async(
@@ -71,26 +79,52 @@ async def jobs_insert_async(
         return []
     if db.native_async:
         sql, params = _pg_insert_statement(db, new_jobs, notify)
-        return sorted(row[0] for row in await db.driver_execute_async(sql, params))
+        rows = await db.driver_execute_async(sql, params)
+        return [rows[0][0]] if len(rows) == 1 else sorted(row[0] for row in rows)
     return await anyio.to_thread.run_sync(
         functools.partial(jobs_insert, db, new_jobs, notify=notify)
     )
 
 
-def _shared_params(job: NewJob) -> dict[str, Any]:
-    """The columns a single-row or same-but-arguments insert binds once."""
-    return {
+def row_shape(job: NewJob) -> tuple[RowShape, dict[str, Any]]:
+    """The statement shape a row takes, and the parameters it binds but its arguments.
+
+    PostgreSQL takes a row due later as ``run_at`` or ``delay_s``; SQLite callers
+    bind ``run_at`` (and ``now``) themselves.
+    """
+    params: dict[str, Any] = {
         "name": job.name,
         "queue": job.queue,
         "priority": job.priority,
-        "serializer": job.serializer,
         "max_attempts": job.max_attempts,
-        "timeout": job.timeout,
-        "unique_key": job.unique_key,
-        "concurrency_key": job.concurrency_key,
-        "concurrency_limit": job.concurrency_limit,
-        "trace_context": job.trace_context,
     }
+    bound = []
+    for column in OPTIONAL_COLUMNS:
+        value = getattr(job, column)
+        if value is not None:
+            bound.append(column)
+            params[column] = value
+    if job.run_at is not None:
+        due = "at"
+        params["run_at"] = job.run_at
+    elif job.delay_s:
+        due = "in"
+        params["delay_s"] = job.delay_s
+    else:
+        due = "now"
+    if job.serializer == "pickle":
+        params["args_pickle"] = job.args_pickle
+    return RowShape(job.serializer, due, tuple(bound)), params
+
+
+def sqlite_row_params(job: NewJob, now: dt.datetime) -> tuple[RowShape, dict[str, Any]]:
+    """:func:`row_shape` with SQLite's timestamps (naive UTC text, the process's clock)."""
+    shape, params = row_shape(job)
+    params["now"] = sqlite_text(now)
+    if shape.due != "now":
+        params.pop("delay_s", None)
+        params["run_at"] = sqlite_text(job.run_at or now + dt.timedelta(seconds=job.delay_s))
+    return shape, params
 
 
 def _json_text(job: NewJob) -> str | None:
@@ -158,19 +192,17 @@ def _jobs_insert_on(
 def _sqlite_insert(db: Database, conn: Connection, new_jobs: Sequence[NewJob]) -> list[int]:
     now = utcnow()
     first = new_jobs[0]
-    if first.serializer == "json" and all(first.same_but_args(j) for j in new_jobs):
+    same = len(new_jobs) > 1
+    if not same or (first.serializer == "json" and all(first.same_but_args(j) for j in new_jobs)):
         # One statement, even outside a transaction: atomic, and it takes the write
         # lock (waiting up to the busy timeout) only while it runs.
-        params = _shared_params(first)
-        params["now"] = sqlite_text(now)
-        run_at = first.run_at or now + dt.timedelta(seconds=first.delay_s)
-        params["run_at"] = params["now"] if run_at == now else sqlite_text(run_at)
-        if len(new_jobs) == 1:
-            shape, params["args"], params["args_pickle"] = "one", _json_text(first), None
-        else:
-            shape = "same"
+        shape, params = sqlite_row_params(first, now)
+        if same:
             params["args"] = compact_json([j.args for j in new_jobs])
-        return sorted(row[0] for row in db.driver_execute(conn, SQLITE_INSERTS[shape], params))
+        elif shape.serializer == "json":
+            params["args"] = _json_text(first)
+        ids = db.driver_execute(conn, sqlite_insert_sql(shape, same=same), params)
+        return [ids[0][0]] if not same else sorted(row[0] for row in ids)
     rows = [
         {
             "name": j.name,

@@ -9,7 +9,6 @@ insert of ``storage/jobs.py``, which this module leaves untouched.
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
@@ -19,9 +18,9 @@ from sqlalchemy.engine import Connection
 
 from .._database import Database
 from ..errors import TaskletError
-from ._sql import SQLITE_INSERT_UNIQUE, SQLITE_UNIQUE_HOLDER
-from .jobs import _json_text, _pg_insert_statement, _shared_params
-from .rows import NewJob, sqlite_text, utcnow
+from ._sql import SQLITE_UNIQUE_HOLDER, sqlite_insert_sql
+from .jobs import _json_text, _pg_insert_statement, sqlite_row_params
+from .rows import NewJob, utcnow
 
 #: Each try settles every key whose holder stays put while it runs; more tries than
 #: this means jobs with these keys finish as fast as they are deferred.
@@ -162,14 +161,11 @@ def _sqlite_insert(db: Database, conn: Connection, new_jobs: Sequence[NewJob]) -
     while batch.pending:
         results: list[tuple[int, str, str | None, bool]] = []
         for row in batch.pending:
-            params = {
-                **_shared_params(row),
-                "args": _json_text(row),
-                "args_pickle": row.args_pickle,
-                "run_at": sqlite_text(row.run_at or now + dt.timedelta(seconds=row.delay_s)),
-                "now": sqlite_text(now),
-            }
-            inserted = db.driver_execute(conn, SQLITE_INSERT_UNIQUE, params)
+            shape, params = sqlite_row_params(row, now)
+            if shape.serializer == "json":
+                params["args"] = _json_text(row)
+            sql = sqlite_insert_sql(shape, same=False, unique=True)
+            inserted = db.driver_execute(conn, sql, params)
             if inserted:
                 results.append((inserted[0][0], row.name, row.unique_key, True))
                 continue
