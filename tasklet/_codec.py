@@ -27,6 +27,7 @@ from .errors import PayloadTooLargeError, SerializationError
 
 TAG: Final = "__tasklet__"
 
+
 def _unserializable(value: object) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 

@@ -89,13 +89,51 @@ def _sqlite_engine(url: URL, settings: Settings, **options: Any) -> Engine:
     return engine
 
 
-@dataclass
-class _ThreadConnection:
-    """The connection one thread keeps for SQLite enqueues (see Database.autocommit)."""
+class _Translated:
+    """:meth:`Database.translate_errors` as a class: a generator-based context manager
+    costs 2-3 µs a use, and every enqueue passes through one."""
 
-    connection: Connection
-    pid: int
-    in_use: bool = False
+    __slots__ = ("_db",)
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, error: BaseException | None, _tb: object) -> None:
+        if isinstance(error, exc.DBAPIError):
+            raise self._db._translated(error) from error
+
+
+class _ThreadConnection:
+    """The connection one thread keeps for SQLite enqueues (see Database.autocommit).
+
+    It is its own context manager, which lends it out and takes it back: the
+    enqueue path pays for no generator.
+    """
+
+    __slots__ = ("connection", "db", "in_use", "pid")
+
+    def __init__(self, db: Database, connection: Connection) -> None:
+        self.db = db
+        self.connection = connection
+        self.pid = os.getpid()
+        self.in_use = False
+
+    def __enter__(self) -> Connection:
+        self.in_use = True
+        return self.connection
+
+    def __exit__(self, kind: object, error: BaseException | None, _tb: object) -> None:
+        self.in_use = False
+        try:
+            if self.connection.in_transaction():  # never keep the write lock between uses
+                self.connection.rollback()
+        except exc.DBAPIError as failed:
+            raise self.db._translated(failed) from failed
+        if isinstance(error, exc.DBAPIError):
+            raise self.db._translated(error) from error
 
 
 def _finish_connections(connections: list[Any]) -> None:
@@ -206,13 +244,9 @@ class Database:
                 self.autocommit_engine.dispose()
             self.engine.dispose()
 
-    @contextlib.contextmanager
-    def translate_errors(self) -> Iterator[None]:
+    def translate_errors(self) -> contextlib.AbstractContextManager[None]:
         """Turn driver errors that have a known remedy into tasklet errors that name it."""
-        try:
-            yield
-        except exc.DBAPIError as error:
-            raise self._translated(error) from error
+        return _Translated(self)
 
     def _translated(self, error: exc.DBAPIError) -> Exception:
         text = str(error.orig)
@@ -321,13 +355,18 @@ class Database:
             weakref.finalize(loop, _finish_connections, idle)
         return idle
 
-    def driver_execute(self, conn: Connection, sql: str, params: dict[str, Any]) -> list[Any]:
+    def driver_execute(
+        self, conn: Connection, sql: str, params: dict[str, Any], *, last_rowid: bool = False
+    ) -> list[Any]:
         """Run pre-compiled SQL on ``conn``'s driver connection, in its transaction.
 
         For the enqueue path, which is bound by round trips and commits: it skips
         SQLAlchemy's per-execution work. Cursor events still fire for listeners
         (SQL logging, tracing); errors come out as SQLAlchemy's, and a broken
         connection leaves the pool, as with ``execute``.
+
+        ``last_rowid`` (SQLite, a one-row INSERT): the one row returned is the
+        new row's id, read from the cursor; ``RETURNING id`` cost SQLite 4.6 µs.
         """
         driver: Any = conn.connection.dbapi_connection
         events = conn.dispatch
@@ -336,7 +375,7 @@ class Database:
             if events.before_cursor_execute:
                 events.before_cursor_execute(conn, cursor, sql, params, None, False)
             cursor.execute(sql, params)
-            rows: list[Any] = cursor.fetchall()
+            rows: list[Any] = [(cursor.lastrowid,)] if last_rowid else cursor.fetchall()
             if events.after_cursor_execute:
                 events.after_cursor_execute(conn, cursor, sql, params, None, False)
             return rows
@@ -362,14 +401,18 @@ class Database:
             with self.engine.connect().execution_options(**options) as conn, conn.begin():
                 yield conn
 
-    @contextlib.contextmanager
-    def autocommit(self) -> Iterator[Connection]:
+    def autocommit(self) -> contextlib.AbstractContextManager[Connection]:
         """A connection whose every statement commits on its own (one round trip each)."""
+        if self.dialect == "sqlite" and self.owns_engine:
+            held: _ThreadConnection | None = getattr(self._per_thread, "held", None)
+            if held is None or held.in_use or held.pid != os.getpid() or held.connection.closed:
+                return self._sqlite_thread_connection()
+            return held
+        return self._pooled_autocommit()
+
+    @contextlib.contextmanager
+    def _pooled_autocommit(self) -> Iterator[Connection]:
         with self.translate_errors():
-            if self.dialect == "sqlite" and self.owns_engine:
-                with self._sqlite_thread_connection() as conn:
-                    yield conn
-                return
             # SQLite: tasklet's connections are in the driver's autocommit mode until
             # a transaction begins (see _setup_sqlite), so this needs no other engine.
             engine = self.engine if self.dialect == "sqlite" else self.autocommit_engine
@@ -383,22 +426,18 @@ class Database:
         A checkout from the pool and its reset cost more than SQLite's insert
         itself. The connection is closed by :meth:`dispose`, or when its thread
         ends; a forked child opens its own (SQLite connections must not cross a
-        fork); a nested use gets a connection of its own.
+        fork); a nested use gets a connection of its own. :meth:`autocommit`
+        lends an open one out directly; this opens it, or serves a nested use.
         """
         held: _ThreadConnection | None = getattr(self._per_thread, "held", None)
         if held is not None and held.in_use:
-            with self.autocommit_engine.connect() as conn:
+            with self.translate_errors(), self.autocommit_engine.connect() as conn:
                 yield conn
             return
-        if held is None or held.pid != os.getpid() or held.connection.closed:
+        with self.translate_errors():
             conn = self.autocommit_engine.connect()
-            held = self._per_thread.held = _ThreadConnection(conn, os.getpid())
-            self._thread_connections.add(conn)
-            weakref.finalize(threading.current_thread(), conn.close)
-        held.in_use = True
-        try:
-            yield held.connection
-        finally:
-            held.in_use = False
-            if held.connection.in_transaction():  # never keep the write lock between uses
-                held.connection.rollback()
+        held = self._per_thread.held = _ThreadConnection(self, conn)
+        self._thread_connections.add(conn)
+        weakref.finalize(threading.current_thread(), conn.close)
+        with held as lent:
+            yield lent

@@ -262,11 +262,20 @@ class Deferrer(Generic[P]):
         if connection is not None:
             conn = _sync_connection(connection)  # type: ignore[arg-type]
             ids = storage.jobs_insert(db, rows, conn)
-        else:
-            ids = storage.jobs_insert(db, rows, notify=_wakeup.notify_now(db.wake_key))
-            # Committed: wake this process's idle workers now.
-            _wakeup.publish(db.wake_key, {row.queue for row in rows})
-        return [JobHandle(id=job_id, name=self._job.name) for job_id in ids]
+            return [JobHandle(id=job_id, name=self._job.name) for job_id in ids]
+        ids = storage.jobs_insert(db, rows, notify=_wakeup.notify_now(db.wake_key))
+        return self._committed(db, rows, ids)
+
+    def _committed(
+        self, db: Database, rows: list[storage.NewJob], ids: list[int]
+    ) -> list[JobHandle]:
+        """The handles of jobs just committed, once this process's idle workers are woken."""
+        name = self._job.name
+        if len(rows) == 1:  # a single defer: the hot path of a web request
+            _wakeup.publish(db.wake_key, (rows[0].queue,))
+            return [JobHandle(id=ids[0], name=name)]
+        _wakeup.publish(db.wake_key, {row.queue for row in rows})
+        return [JobHandle(id=job_id, name=name) for job_id in ids]
 
     def _insert_unique(
         self, db: Database, rows: list[storage.NewJob], connection: Connection | Session | None
@@ -325,12 +334,7 @@ class Deferrer(Generic[P]):
             _publish_created(db, rows, inserted)
             return [JobHandle(id=i.id, name=i.name, created=i.created) for i in inserted]
         ids = await storage.jobs_insert_async(db, rows, notify=_wakeup.notify_now(db.wake_key))
-        name = self._job.name
-        if len(rows) == 1:  # defer_async: the hot path of a web request
-            _wakeup.publish(db.wake_key, (rows[0].queue,))
-            return [JobHandle(id=ids[0], name=name)]
-        _wakeup.publish(db.wake_key, {row.queue for row in rows})
-        return [JobHandle(id=job_id, name=name) for job_id in ids]
+        return self._committed(db, rows, ids)
 
     async def _write_on_async(
         self, connection: AsyncConnection | AsyncSession, rows: list[storage.NewJob]

@@ -192,7 +192,7 @@ def sqlite_insert_sql(shape: RowShape, *, same: bool, unique: bool = False) -> s
 
     Timestamps are naive UTC text (see rows.sqlite_time), bound by the caller as
     ``now`` and, for a row due later, ``run_at``. ``unique`` (one row) leaves out a
-    row whose key an active job holds.
+    row whose key an active job holds. Every form but one plain row returns the ids.
     """
     columns = ", ".join(INSERT_COLUMNS)
     values = _insert_values(False, shape, same=same)
@@ -200,8 +200,11 @@ def sqlite_insert_sql(shape: RowShape, *, same: bool, unique: bool = False) -> s
         rows = f"SELECT {values}\n  FROM json_each(:args) AS a\n ORDER BY a.key"
     else:
         rows = f"VALUES ({values})"
-    conflict = f"\nON CONFLICT (unique_key) WHERE {_UNIQUE_ACTIVE} DO NOTHING" if unique else ""
-    return f"INSERT INTO jobs ({columns})\n{rows}{conflict}\nRETURNING id"
+    insert = f"INSERT INTO jobs ({columns})\n{rows}"
+    if unique:
+        return f"{insert}\nON CONFLICT (unique_key) WHERE {_UNIQUE_ACTIVE} DO NOTHING\nRETURNING id"
+    # One row: its id is the cursor's lastrowid (see Database.driver_execute).
+    return f"{insert}\nRETURNING id" if same else insert
 
 
 SQLITE_UNIQUE_HOLDER = (

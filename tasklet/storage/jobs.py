@@ -98,12 +98,14 @@ def row_shape(job: NewJob) -> tuple[RowShape, dict[str, Any]]:
         "priority": job.priority,
         "max_attempts": job.max_attempts,
     }
-    bound = []
-    for column in OPTIONAL_COLUMNS:
-        value = getattr(job, column)
-        if value is not None:
-            bound.append(column)
-            params[column] = value
+    bound: tuple[str, ...] = ()
+    # Most jobs set none of them (a limit comes with its key): one test, not five.
+    if not (job.timeout is None and job.unique_key is None and job.concurrency_key is None):
+        bound = tuple(c for c in OPTIONAL_COLUMNS if getattr(job, c) is not None)
+    elif job.trace_context is not None:
+        bound = ("trace_context",)
+    for column in bound:
+        params[column] = getattr(job, column)
     if job.run_at is not None:
         due = "at"
         params["run_at"] = job.run_at
@@ -114,7 +116,7 @@ def row_shape(job: NewJob) -> tuple[RowShape, dict[str, Any]]:
         due = "now"
     if job.serializer == "pickle":
         params["args_pickle"] = job.args_pickle
-    return RowShape(job.serializer, due, tuple(bound)), params
+    return RowShape(job.serializer, due, bound), params
 
 
 def sqlite_row_params(job: NewJob, now: dt.datetime) -> tuple[RowShape, dict[str, Any]]:
@@ -201,8 +203,10 @@ def _sqlite_insert(db: Database, conn: Connection, new_jobs: Sequence[NewJob]) -
             params["args"] = compact_json([j.args for j in new_jobs])
         elif shape.serializer == "json":
             params["args"] = _json_text(first)
-        ids = db.driver_execute(conn, sqlite_insert_sql(shape, same=same), params)
-        return [ids[0][0]] if not same else sorted(row[0] for row in ids)
+        sql = sqlite_insert_sql(shape, same=same)
+        if not same:
+            return [db.driver_execute(conn, sql, params, last_rowid=True)[0][0]]
+        return sorted(row[0] for row in db.driver_execute(conn, sql, params))
     rows = [
         {
             "name": j.name,

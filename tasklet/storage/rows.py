@@ -24,12 +24,14 @@ def as_utc(value: dt.datetime | None) -> dt.datetime | None:
 
 def sqlite_time(value: dt.datetime) -> dt.datetime:
     """SQLite compares timestamps as text, so every stored one is naive UTC."""
-    return value.astimezone(UTC).replace(tzinfo=None)
+    if value.tzinfo is not UTC:  # utcnow()'s are UTC already: an enqueue skips the shift
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None)
 
 
 def sqlite_text(value: dt.datetime) -> str:
     """The text SQLAlchemy's SQLite DateTime stores (naive UTC, always with microseconds)."""
-    return sqlite_time(value).isoformat(sep=" ", timespec="microseconds")
+    return sqlite_time(value).isoformat(" ", "microseconds")
 
 
 # NewJob, ClaimedJob and Completion are built once per job on the hot paths, so
