@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import gc
@@ -10,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -413,3 +415,51 @@ def test_concurrent_processes_defer_into_one_sqlite_file_without_lock_errors(
     assert Counter(row.args["n"] for row in rows if row.args) == {
         n: processes for n in range(per_process)
     }
+
+
+# ------------------------------------------------------ connections tasklet keeps
+
+
+def test_driver_statements_reuse_one_cursor_per_connection(db: Database) -> None:
+    with db.autocommit() as conn:
+        db.driver_execute(conn, "SELECT 1", {})
+        cursor = conn.connection.info["tasklet_cursor"]
+        assert db.driver_execute(conn, "SELECT 2", {}) == [(2,)]
+        assert conn.connection.info["tasklet_cursor"] is cursor
+
+
+def test_a_pooled_connection_the_pool_lets_go_is_not_kept_alive_by_its_cursor(
+    pg_db: Database,
+) -> None:
+    with pg_db.autocommit() as conn:
+        pg_db.driver_execute(conn, "SELECT 1", {})
+        driver = weakref.ref(conn.connection.dbapi_connection)
+    pg_db.dispose()
+    gc.collect()
+    assert driver() is None
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_a_closed_async_connection_is_not_kept_alive(pg_db: Database) -> None:
+    link = await pg_db.connect_async()
+    assert await pg_db.execute_on_async(link, "SELECT 1", None) == [(1,)]
+    connection = weakref.ref(link.connection)
+    await link.close()
+    del link
+    gc.collect()
+    assert connection() is None
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_async_enqueues_keep_a_few_idle_connections_and_close_the_rest(
+    pg_db: Database,
+) -> None:
+    # Eight enqueues at once need eight connections; four stay idle afterwards.
+    await asyncio.gather(
+        *(pg_db.driver_execute_async("SELECT pg_sleep(0.05)", {}) for _ in range(8))
+    )
+    gc.collect()
+    assert len(pg_db._async_all) == 4
+    assert all(not link.connection.closed for link in pg_db._async_all)

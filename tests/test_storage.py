@@ -247,7 +247,10 @@ def test_clear_deletes_queued_jobs_of_the_given_queues_only(
     assert storage.jobs_count(db) == {"queued": 1}
 
 
-_PLANS = "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE '%%candidates%%'"
+_PLANS = (
+    "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+    " WHERE statement LIKE '%%candidates%%'"
+)
 
 
 def test_a_claimer_plans_its_claim_once(pg_db: Database, noop: Job[..., None]) -> None:
@@ -270,6 +273,7 @@ async def test_an_async_claimer_plans_its_claim_once(pg_db: Database, noop: Job[
     try:
         for _ in range(10):
             await claimer.claim_async(1)
+        assert claimer._async_conn is not None
         plans = await pg_db.execute_on_async(claimer._async_conn, _PLANS.replace("%%", "%"), None)
     finally:
         await claimer.close_async()

@@ -18,7 +18,7 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Connection
 
 from .._codec import compact_json
-from .._database import Database
+from .._database import AsyncLink, Database
 from ..schema import job_runs, jobs, workers
 from ._sql import (
     SQLITE_CLAIM,
@@ -73,7 +73,7 @@ class Claimer:
         self._queues = list(queues) if queues else None
         self._names = list(names)
         self._conn: Connection | None = None
-        self._async_conn: Any = None  # psycopg.AsyncConnection, for claim_async
+        self._async_conn: AsyncLink | None = None  # for claim_async
         # Jobs under a concurrency limit are claimed too, only when this is set.
         self._limited = (
             LimitedClaims(db, worker_id=worker_id, queues=self._queues, names=self._names)
