@@ -22,6 +22,9 @@ from adapters.base import Adapter, wait_task_or_stop  # type: ignore[import-not-
 
 import tasklet
 
+#: ``TASKLET_BENCH_DEFER=sync``: the one-by-one enqueue calls ``noop.defer()`` instead.
+SYNC_DEFER = os.environ.get("TASKLET_BENCH_DEFER") == "sync"
+
 
 class TaskletAdapter(Adapter):  # type: ignore[misc]
     name = "tasklet"
@@ -48,7 +51,7 @@ class TaskletAdapter(Adapter):  # type: ignore[misc]
         tasklet.configure()
 
     async def enqueue_one(self, t: float) -> None:
-        if os.environ.get("TASKLET_BENCH_DEFER") == "sync":
+        if SYNC_DEFER:
             noop.defer(t=t)
         else:
             await noop.defer_async(t=t)

@@ -212,13 +212,18 @@ def encode_json_text(
 
 def encode_json_many(
     arguments: Sequence[Mapping[str, Any]], max_bytes: int | None
-) -> list[dict[str, Any]]:
-    """:func:`encode_json` for many jobs at once, with one size check for all when it can."""
+) -> tuple[list[dict[str, Any]], str]:
+    """:func:`encode_json` for many jobs at once, and the JSON array of them all.
+
+    The array is encoded once: it serves the size check (one for all, when it can)
+    and is what a bulk insert sends.
+    """
     encoded = [_encode_arguments(a) for a in arguments]
-    if max_bytes is not None and len(compact_json(encoded)) > max_bytes:
+    text = compact_json(encoded)
+    if max_bytes is not None and len(text) > max_bytes:
         for payload in encoded:  # some row may be over the limit: find it
             _check_size(len(compact_json(payload)), max_bytes)
-    return encoded
+    return encoded, text
 
 
 def decode_json(payload: Mapping[str, Any]) -> dict[str, Any]:

@@ -339,14 +339,19 @@ class Job(Deferrer[P], Generic[P, R]):
         bound = [self.bind((), kwargs) for kwargs in arguments]
         if self.serializer == "pickle" or self.unique_by is not None:
             return [self.new_row(options, (), kwargs) for kwargs in bound]
-        limit = _config.database().settings.max_payload_bytes
+        payloads, array = _codec.encode_json_many(
+            bound, _config.database().settings.max_payload_bytes
+        )
         key = options.unique_key
-        return [
+        rows = [
             self._row(
                 options, payload, None, None, limit=self._limit(options, kwargs), unique_key=key
             )
-            for payload, kwargs in zip(_codec.encode_json_many(bound, limit), bound, strict=True)
+            for payload, kwargs in zip(payloads, bound, strict=True)
         ]
+        if self.concurrency_key is not None:  # each row's arguments choose its limit's key
+            return rows
+        return storage.NewJobBatch(rows, array)
 
 
 class _JobDecorator(Protocol):

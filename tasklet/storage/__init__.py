@@ -35,7 +35,7 @@ from .jobs import (
     jobs_next_due,
 )
 from .queues import QueueRow, queue_pause, queue_resume, queues_list, queues_paused
-from .rows import ClaimedJob, Completion, JobRow, NewJob, RunRow, as_utc, utcnow
+from .rows import ClaimedJob, Completion, JobRow, NewJob, NewJobBatch, RunRow, as_utc, utcnow
 from .schedules import schedule_last_ticks, schedule_tick_insert, schedule_ticks_prune
 from .stats import queue_depths
 from .unique import InsertedJob, jobs_insert_unique, jobs_insert_unique_async
@@ -50,6 +50,7 @@ __all__ = [
     "InsertedJob",
     "JobRow",
     "NewJob",
+    "NewJobBatch",
     "QueueRow",
     "RunRow",
     "as_utc",

@@ -24,7 +24,7 @@ from ._sql import (
     pg_insert_unique_sql,
     sqlite_insert_sql,
 )
-from .rows import JobRow, NewJob, RunRow, as_utc, sqlite_text, sqlite_time, utcnow
+from .rows import JobRow, NewJob, NewJobBatch, RunRow, as_utc, sqlite_text, sqlite_time, utcnow
 
 # Rows are written in the order given and each takes the next rowid, under the write
 # lock: ascending ids are the input order (asking SQLAlchemy to sort would cost a
@@ -55,9 +55,9 @@ def _pg_insert_statement(
         if shape.serializer == "json":
             params["args"] = _json_text(first)
         same = False
-    elif first.serializer == "json" and all(first.same_but_args(j) for j in new_jobs):
+    elif (args := _same_but_args_json(new_jobs)) is not None:
         shape, params = row_shape(first)  # defer_many: only the arguments differ
-        params["args"] = compact_json([j.args for j in new_jobs])
+        params["args"] = args
         same = True
     else:
         shape, same = None, False
@@ -129,6 +129,16 @@ def sqlite_row_params(job: NewJob, now: dt.datetime) -> tuple[RowShape, dict[str
     return shape, params
 
 
+def _same_but_args_json(new_jobs: Sequence[NewJob]) -> str | None:
+    """The JSON array of the rows' arguments, if they differ in nothing else (one statement)."""
+    if isinstance(new_jobs, NewJobBatch):
+        return new_jobs.args_json
+    first = new_jobs[0]
+    if first.serializer == "json" and all(first.same_but_args(j) for j in new_jobs):
+        return compact_json([j.args for j in new_jobs])
+    return None
+
+
 def _json_text(job: NewJob) -> str | None:
     if job.args is None:
         return None
@@ -195,12 +205,13 @@ def _sqlite_insert(db: Database, conn: Connection, new_jobs: Sequence[NewJob]) -
     now = utcnow()
     first = new_jobs[0]
     same = len(new_jobs) > 1
-    if not same or (first.serializer == "json" and all(first.same_but_args(j) for j in new_jobs)):
+    args = _same_but_args_json(new_jobs) if same else None
+    if not same or args is not None:
         # One statement, even outside a transaction: atomic, and it takes the write
         # lock (waiting up to the busy timeout) only while it runs.
         shape, params = sqlite_row_params(first, now)
-        if same:
-            params["args"] = compact_json([j.args for j in new_jobs])
+        if args is not None:
+            params["args"] = args
         elif shape.serializer == "json":
             params["args"] = _json_text(first)
         sql = sqlite_insert_sql(shape, same=same)

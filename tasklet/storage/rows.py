@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,21 @@ class NewJob:
             and self.concurrency_limit == other.concurrency_limit
             and self.trace_context == other.trace_context
         )
+
+
+class NewJobBatch(list[NewJob]):
+    """Rows one ``defer_many`` made for one job type: they differ in their arguments only.
+
+    ``args_json`` is the JSON array of their arguments, encoded once for the
+    payload-size check and sent as it is (a bulk insert need not compare the
+    rows, nor encode them again).
+    """
+
+    __slots__ = ("args_json",)
+
+    def __init__(self, rows: Iterable[NewJob], args_json: str) -> None:
+        super().__init__(rows)
+        self.args_json = args_json
 
 
 @dataclass(frozen=True, slots=True)
