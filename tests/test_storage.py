@@ -286,3 +286,93 @@ def _assert_generic_only(plans: Sequence[Any]) -> None:
     generic, custom = plans[0]
     assert generic > 0
     assert custom == 0
+
+
+# -------------------------------------------------------------- one-row inserts
+
+# A one-row insert binds only the values its row has (storage._sql.RowShape).
+_OPTIONAL_VALUES: dict[str, dict[str, Any]] = {
+    "timeout": {"timeout": 2.5},
+    "unique_key": {"unique_key": "u-1"},
+    "concurrency_key": {"concurrency_key": "c-1", "concurrency_limit": 2},
+    "trace_context": {"trace_context": '{"traceparent":"00-ab-cd-01"}'},
+}
+
+
+def _new_job(**values: Any) -> storage.NewJob:
+    fields: dict[str, Any] = {
+        "name": "s.noop",
+        "queue": "q",
+        "priority": 3,
+        "max_attempts": 4,
+        "timeout": None,
+        "serializer": "json",
+        "args": {"i": 1},
+        "args_pickle": None,
+    }
+    return storage.NewJob(**{**fields, **values})
+
+
+@pytest.mark.parametrize("given", sorted(_OPTIONAL_VALUES))
+def test_a_one_row_insert_stores_the_optional_values_it_is_given_and_no_other(
+    db: Database, given: str
+) -> None:
+    (job_id,) = storage.jobs_insert(db, [_new_job(**_OPTIONAL_VALUES[given])])
+
+    stored = storage.job_get(db, job_id)
+    assert stored is not None
+    expected = {c: None for values in _OPTIONAL_VALUES.values() for c in values}
+    expected.update(_OPTIONAL_VALUES[given])
+    assert {c: getattr(stored, c) for c in expected} == expected
+    assert (stored.name, stored.queue, stored.priority, stored.max_attempts, stored.args) == (
+        "s.noop",
+        "q",
+        3,
+        4,
+        {"i": 1},
+    )
+
+
+def test_a_one_row_insert_is_due_when_it_says(db: Database) -> None:
+    at = utcnow().replace(microsecond=0) + dt.timedelta(hours=1)
+    before = utcnow() - dt.timedelta(seconds=5)  # clocks of server and test may differ a little
+    now_id, at_id, in_id = (
+        storage.jobs_insert(db, [row])[0]
+        for row in (_new_job(), _new_job(run_at=at), _new_job(delay_s=600.0))
+    )
+    after = utcnow() + dt.timedelta(seconds=5)
+
+    def due(job_id: int) -> dt.datetime:
+        stored = storage.job_get(db, job_id)
+        assert stored is not None
+        return stored.run_at
+
+    assert before <= due(now_id) <= after
+    assert due(at_id) == at
+    assert before + dt.timedelta(seconds=600) <= due(in_id) <= after + dt.timedelta(seconds=600)
+
+
+def test_a_one_row_insert_of_pickled_arguments_stores_the_bytes_only(db: Database) -> None:
+    row = _new_job(serializer="pickle", args=None, args_pickle=b"\x80\x05K\x01.")
+    (job_id,) = storage.jobs_insert(db, [row])
+
+    stored = storage.job_get(db, job_id)
+    assert stored is not None
+    assert (stored.serializer, stored.args, stored.args_pickle) == (
+        "pickle",
+        None,
+        b"\x80\x05K\x01.",
+    )
+
+
+def test_a_batch_of_one_job_type_is_written_in_one_statement_in_the_order_given(
+    db: Database, noop: Job[..., None]
+) -> None:
+    rows = noop.new_rows(noop._options, [{"i": i} for i in range(50)])
+    assert isinstance(rows, storage.NewJobBatch)
+
+    ids = storage.jobs_insert(db, rows)
+
+    assert ids == sorted(ids)
+    stored = [storage.job_get(db, job_id) for job_id in ids]
+    assert [s.args for s in stored if s is not None] == [{"i": i} for i in range(50)]
