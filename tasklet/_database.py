@@ -196,7 +196,7 @@ class Database:
             raise TaskletError(f"schema must be a plain SQL identifier, not {schema!r}")
         return cls(engine=engine, schema=schema, settings=settings, owns_engine=owns)
 
-    @property
+    @functools.cached_property
     def dialect(self) -> Dialect:
         return "postgresql" if self.engine.dialect.name == "postgresql" else "sqlite"
 
