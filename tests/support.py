@@ -60,6 +60,15 @@ class Backend:
         with self.connect() as conn:
             return set(sa.inspect(conn).get_table_names())
 
+    def sqlite_create_statement(self, table: str) -> str:
+        """The CREATE statement SQLite keeps for ``table`` (its CHECKs are in it)."""
+        with self.connect() as conn:
+            return str(
+                conn.exec_driver_sql(
+                    "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+                ).scalar_one()
+            )
+
     def state_invariant_breaches(self) -> list[tuple[int, str, str | None]]:
         """Jobs that break a state invariant: (id, status, locked_by).
 

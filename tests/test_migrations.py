@@ -27,7 +27,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, make_url
 
 import tasklet
-from tasklet import job
+from tasklet import _config, job
 from tasklet.migrations import _PG_LOCK_KEY, script_location, tasklet_objects_only
 from tasklet.schema import TABLE_NAMES, VERSION_TABLE, metadata
 from tests.conftest import POSTGRES_URL
@@ -458,3 +458,58 @@ def test_application_env_py_can_run_tasklet_upgrade_before_its_own_migrations(
     assert version_rows(empty_backend, "alembic_version") == ["app_0001"]
     assert version_rows(empty_backend) == [HEAD]
     assert empty_backend.table_names() >= TASKLET_TABLES | {"users"}
+
+
+# ------------------------------------------------ 0005: SQLite's CHECKs, edited in place
+
+_JOB = (
+    "INSERT INTO jobs (name, queue, priority, status, serializer, args, attempts, max_attempts,"
+    " lost_count, run_at, created_at, lease) VALUES ('x', 'q', 0, 'queued', 'json', '{}', 0, 1,"
+    " 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 0)"
+)
+
+
+def test_migrating_sqlite_rewrites_the_checks_in_place_keeping_every_row(
+    sqlite_only: Backend,
+) -> None:
+    tasklet.downgrade("0004")
+    with sqlite_only.connect() as conn:
+        conn.exec_driver_sql(_JOB)
+        conn.commit()
+        version = conn.exec_driver_sql("PRAGMA schema_version").scalar_one()
+    assert "status IN ('queued', 'running'" in sqlite_only.sqlite_create_statement("jobs")
+
+    tasklet.upgrade()
+
+    assert " IN (" not in sqlite_only.sqlite_create_statement("jobs")
+    with sqlite_only.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM jobs").scalar_one() == 1
+        # Bumped, so every open connection reads the new statement again.
+        assert conn.exec_driver_sql("PRAGMA schema_version").scalar_one() > version
+        assert conn.exec_driver_sql("PRAGMA integrity_check").scalar_one() == "ok"
+
+
+def test_a_sqlite_that_refuses_schema_edits_stays_at_0004_and_says_why(
+    sqlite_only: Backend,
+) -> None:
+    tasklet.downgrade("0004")
+    engine = _config.database().engine
+
+    def refuse_schema_edits(action: int, table: str | None, *_: object) -> int:
+        denied = action == sqlite3.SQLITE_UPDATE and table == "sqlite_master"
+        return sqlite3.SQLITE_DENY if denied else sqlite3.SQLITE_OK
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.set_authorizer(refuse_schema_edits)
+
+    engine.dispose()
+    sa.event.listen(engine, "connect", on_connect)
+    try:
+        with pytest.raises(RuntimeError, match="refused to edit the jobs table's CHECK"):
+            tasklet.upgrade()
+    finally:
+        sa.event.remove(engine, "connect", on_connect)
+        engine.dispose()
+
+    assert version_rows(sqlite_only) == ["0004"]
+    assert "status IN ('queued', 'running'" in sqlite_only.sqlite_create_statement("jobs")

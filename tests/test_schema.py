@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-import tasklet
 from tests.support import Backend
 
 _RUNNING_WITHOUT_HOLDER = (
@@ -61,35 +60,6 @@ def test_sqlite_refuses_a_status_or_serializer_tasklet_does_not_know(
         conn.exec_driver_sql(_JOB.format(status=status, serializer=serializer))
 
 
-def _jobs_create_statement(backend: Backend) -> str:
-    with backend.connect() as conn:
-        return str(
-            conn.exec_driver_sql(
-                "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
-            ).scalar_one()
-        )
-
-
 def test_sqlite_checks_on_jobs_hold_no_in_list(sqlite_only: Backend) -> None:
     # SQLite builds a temporary index of an IN list for every row written (migration 0005).
-    assert " IN (" not in _jobs_create_statement(sqlite_only)
-
-
-def test_migrating_sqlite_rewrites_the_checks_in_place_keeping_every_row(
-    sqlite_only: Backend,
-) -> None:
-    tasklet.downgrade("0004")
-    with sqlite_only.connect() as conn:
-        conn.exec_driver_sql(_JOB.format(status="'queued'", serializer="'json'"))
-        conn.commit()
-        version = conn.exec_driver_sql("PRAGMA schema_version").scalar_one()
-    assert "status IN ('queued', 'running'" in _jobs_create_statement(sqlite_only)
-
-    tasklet.upgrade()
-
-    assert " IN (" not in _jobs_create_statement(sqlite_only)
-    with sqlite_only.connect() as conn:
-        assert conn.exec_driver_sql("SELECT count(*) FROM jobs").scalar_one() == 1
-        # Bumped, so every open connection reads the new statement again.
-        assert conn.exec_driver_sql("PRAGMA schema_version").scalar_one() > version
-        assert conn.exec_driver_sql("PRAGMA integrity_check").scalar_one() == "ok"
+    assert " IN (" not in sqlite_only.sqlite_create_statement("jobs")

@@ -23,6 +23,7 @@ Create Date: 2026-12-06
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
@@ -55,15 +56,31 @@ def _rewrite_jobs_checks(replacements: dict[str, str]) -> None:
     edited = "sql"
     for old, new in replacements.items():
         edited = f"replace({edited}, '{_quoted(old)}', '{_quoted(new)}')"
-    offline = op.get_context().as_sql
-    version = None if offline else op.get_bind().exec_driver_sql("PRAGMA schema_version").scalar()
-    op.execute("PRAGMA writable_schema = ON")
-    op.execute(f"UPDATE sqlite_master SET sql = {edited} WHERE type = 'table' AND name = 'jobs'")
-    if version is not None:  # a script run by hand has no version to bump: see above
-        op.execute(f"PRAGMA schema_version = {int(version) + 1}")
-    op.execute("PRAGMA writable_schema = OFF")
-    if not offline:  # the edited statement must parse: else the migration's transaction rolls back
-        op.get_bind().exec_driver_sql("SELECT count(*) FROM jobs WHERE 0").scalar()
+    update = f"UPDATE sqlite_master SET sql = {edited} WHERE type = 'table' AND name = 'jobs'"
+    if op.get_context().as_sql:
+        # A script run by hand: the same edit, without the version bump (there is no
+        # version to read); connections opened after it read the new statement.
+        op.execute("PRAGMA writable_schema = ON")
+        op.execute(update)
+        op.execute("PRAGMA writable_schema = OFF")
+        return
+    bind = op.get_bind()
+    version = int(bind.exec_driver_sql("PRAGMA schema_version").scalar_one())
+    bind.exec_driver_sql("PRAGMA writable_schema = ON")
+    try:
+        bind.exec_driver_sql(update)
+        bind.exec_driver_sql(f"PRAGMA schema_version = {version + 1}")
+    except sa.exc.DatabaseError as error:
+        raise RuntimeError(
+            "SQLite refused to edit the jobs table's CHECK constraints in place "
+            f"({error.orig}); nothing was changed. Allow schema edits for the "
+            "migration (SQLITE_DBCONFIG_DEFENSIVE off, no authorizer denying writes to "
+            "sqlite_master), or stay at revision 0004, which enforces the same checks."
+        ) from error
+    finally:
+        bind.exec_driver_sql("PRAGMA writable_schema = OFF")
+    # The edited statement must parse; if not, this raises and the migration rolls back.
+    bind.exec_driver_sql("SELECT count(*) FROM jobs WHERE 0").scalar()
 
 
 def _quoted(text: str) -> str:
