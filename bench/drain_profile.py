@@ -19,12 +19,11 @@ import os
 import statistics
 import time
 import uuid
-from typing import Any
 
 import sqlalchemy as sa
 
 import tasklet
-from tasklet.storage import attempts
+from tasklet.storage import ClaimedJob, attempts
 
 URL = os.environ.get("TASKLET_BENCH_URL", "postgresql://postgres@127.0.0.1:5432/test")
 N = int(os.environ.get("BENCH_N", "20000"))
@@ -63,9 +62,11 @@ def main() -> None:
         claims: list[tuple[float, float, int]] = []  # start, end, jobs
         claim = attempts.Claimer.claim_async
 
-        async def timed_claim(self: attempts.Claimer, limit: int) -> list[Any]:
+        async def timed_claim(
+            self: attempts.Claimer, limit: int, *, lost_below: int | None = None
+        ) -> list[ClaimedJob]:
             began = time.perf_counter()
-            rows = await claim(self, limit)
+            rows = await claim(self, limit, lost_below=lost_below)
             claims.append((began, time.perf_counter(), len(rows)))
             return rows
 

@@ -69,7 +69,9 @@ class WorkerSettings:
     heartbeat_s: float = 5.0
     #: How often each worker looks for dead workers' jobs and unknown job names.
     sweep_s: float = 10.0
-    #: A job lost with its worker this many times is failed, not retried.
+    #: A job lost with its worker this many times is failed, not retried. A job one
+    #: loss away from that runs alone among such jobs: a worker runs one at a time,
+    #: so a job that kills its worker cannot take another on its last chance with it.
     max_lost: int = 3
     #: Rescued jobs come back spread over this long (at most ``lost_after_s``), so the
     #: jobs one crash caught are not claimed together again with a job that crashes.
@@ -191,6 +193,10 @@ class Worker:
         #: Whether some job type here has a concurrency limit (then claims take those too).
         self.limited = False
         self._limited_ids: set[int] = set()  # running jobs under a concurrency limit
+        #: Jobs lost this many times are on their last chance (None: max_lost < 2).
+        self._last_chance = self.settings.max_lost - 1 if self.settings.max_lost >= 2 else None
+        #: The job on its last chance this worker runs, if any: it runs no second one.
+        self._last_chance_id: int | None = None
         self._attempts: dict[int, Attempt] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending: list[storage.Completion] = []
@@ -462,8 +468,10 @@ class Worker:
         self, executor: Executor, claimer: storage.Claimer, lane: _Lane, drain: bool
     ) -> None:
         free, wakes = lane.free, lane.wakes
+        # While a job on its last chance runs here, leave the others on theirs queued.
+        lost_below = self._last_chance if self._last_chance_id is not None else None
         try:
-            rows = await claimer.claim_async(free)
+            rows = await claimer.claim_async(free, lost_below=lost_below)
         except _DATABASE_ERRORS as exc:
             if drain:
                 raise
@@ -478,16 +486,20 @@ class Worker:
         if len(rows) < free and lane.wakes == wakes:
             # Nothing more is due now: sleep until the next scheduled job, or a wake-up.
             lane.maybe_due = False
-            due_in = await anyio.to_thread.run_sync(self._due_in, lane.queues)
+            due_in = await anyio.to_thread.run_sync(self._due_in, lane.queues, lost_below)
             if claimer.limited and claimer.retry_soon:
                 # Keys held by another claimer, or not reached yet: look again in a moment.
                 due_in = _wakeup.HOT_CHECK_S if due_in is None else min(due_in, _wakeup.HOT_CHECK_S)
             lane.next_due = None if due_in is None else anyio.current_time() + due_in
 
-    def _due_in(self, queues: tuple[str, ...] | None) -> float | None:
+    def _due_in(self, queues: tuple[str, ...] | None, lost_below: int | None) -> float | None:
         """Seconds until the next queued job of these queues is due (None: none queued)."""
         due = storage.jobs_next_due(
-            self.db, queues=queues, names=self.job_names, limited=self.limited
+            self.db,
+            queues=queues,
+            names=self.job_names,
+            limited=self.limited,
+            lost_below=lost_below,
         )
         return None if due is None else (due - storage.utcnow()).total_seconds()
 
@@ -513,6 +525,13 @@ class Worker:
         if job is None:  # unregistered since the claim began: give it back untouched
             self._settle_released(row)
             return
+        if self._last_chance is not None and row.lost_count >= self._last_chance:
+            if self._last_chance_id is not None:
+                # A second one in one claim, or in two lanes' claims at once: it goes back
+                # untouched and waits for the first to end (claims leave it out till then).
+                self._settle_released(row)
+                return
+            self._last_chance_id = row.id
         attempt = Attempt(row=row, job=job, worker_id=self.id)
         lane.in_flight += 1
         self._attempts[row.id] = attempt
@@ -552,6 +571,11 @@ class Worker:
                 self._tasks.discard(attempt.task)
             lane.in_flight -= 1
             lane.notify()
+            if self._last_chance_id == row.id:  # the next job on its last chance may run
+                self._last_chance_id = None
+                for other in self._lanes:
+                    other.maybe_due = True
+                    other.notify()
             self._wake.set()
 
     def _observe(self, event: str, *args: Any) -> None:

@@ -126,7 +126,7 @@ def test_sqlite_claim_of_every_queue_reads_the_claim_index_in_order() -> None:
     # queue (4.9 ms a claim with 20k jobs queued); the plan shows it cannot.
     db = _config.database()
     claim = SQLITE_CLAIM.format(queue_filter=SQLITE_QUEUES_WITH_WORK)
-    params = {"worker_id": "w", "now": "", "names": "[]", "limit": 1}
+    params = {"worker_id": "w", "now": "", "names": "[]", "limit": 1, "lost_below": 3}
     with db.engine.connect() as conn:
         plan = [row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {claim}", params)]
 
@@ -376,3 +376,53 @@ def test_a_batch_of_one_job_type_is_written_in_one_statement_in_the_order_given(
     assert ids == sorted(ids)
     stored = [storage.job_get(db, job_id) for job_id in ids]
     assert [s.args for s in stored if s is not None] == [{"i": i} for i in range(50)]
+
+
+# ---------------------------------------------------------------- lost jobs
+
+
+def _lose(db: Database, job_ids: Sequence[int], times: int) -> None:
+    """Make these jobs look lost with a crashed worker ``times`` times."""
+    with db.begin() as conn:
+        conn.execute(
+            sa.update(jobs).where(jobs.c.id.in_(job_ids)).values(lost_count=times),
+            execution_options=db.execution_options,
+        )
+
+
+@pytest.mark.parametrize("limited", [False, True])
+def test_a_claim_can_leave_out_jobs_lost_a_number_of_times(db: Database, limited: bool) -> None:
+    @job(name="s.limited", concurrency=10)
+    def limited_job(i: int = 0) -> None: ...
+
+    @job(name="s.plain")
+    def plain_job(i: int = 0) -> None: ...
+
+    deferred = (limited_job if limited else plain_job).defer_many([{"i": i} for i in range(4)])
+    _lose(db, [deferred[0].id], 2)
+    _lose(db, [deferred[1].id], 1)
+    claimer = storage.Claimer(
+        db, worker_id="w1", queues=None, names=["s.limited", "s.plain"], limited=limited
+    )
+    try:
+        claimed = claimer.claim(10, lost_below=2)
+        rest = claimer.claim(10)
+    finally:
+        claimer.close()
+
+    assert sorted((r.id, r.lost_count) for r in claimed) == [
+        (deferred[1].id, 1),
+        (deferred[2].id, 0),
+        (deferred[3].id, 0),
+    ]
+    assert [(r.id, r.lost_count) for r in rest] == [(deferred[0].id, 2)]
+
+
+def test_the_next_due_job_leaves_out_what_the_claim_left_out(
+    db: Database, noop: Job[..., None]
+) -> None:
+    (handle,) = noop.defer_many([{"i": 1}])
+    _lose(db, [handle.id], 2)
+
+    assert storage.jobs_next_due(db, queues=None, names=["s.noop"], lost_below=2) is None
+    assert storage.jobs_next_due(db, queues=None, names=["s.noop"]) is not None

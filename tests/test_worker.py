@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 import time
@@ -10,13 +11,15 @@ from typing import Any
 
 import anyio
 import pytest
+import sqlalchemy as sa
 
 import tasklet
 from tasklet import JobContext, _registry, job, storage
 from tasklet._database import Database
 from tasklet.retry import Abort, Retry
+from tasklet.schema import jobs
 from tasklet.worker import WorkerSettings
-from tests.support import BackgroundWorker, drain, runs, wait_for
+from tests.support import FAST, BackgroundWorker, drain, runs, wait_for
 
 
 def status(db: Database, job_id: int) -> str:
@@ -229,6 +232,47 @@ def test_after_failure_tells_whether_the_job_will_be_retried(db: Database) -> No
     drain()
 
     assert seen == [(1, True, "no"), (2, False, "no")]
+
+
+# ------------------------------------------------------- jobs on their last chance
+
+
+def test_jobs_on_their_last_chance_run_one_at_a_time_beside_the_others(db: Database) -> None:
+    # A job lost max_lost - 1 times fails if its worker dies once more. Run one at a
+    # time, none can be taken down by another that kills its worker.
+    state = {"last_now": 0, "last_most": 0, "fresh_beside_last": 0}
+
+    async def busy_for(seconds: float) -> None:  # the job's own work: it takes a while
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            await anyio.sleep(0.01)
+
+    @job(name="t.last")
+    async def last(i: int) -> None:
+        state["last_now"] += 1
+        state["last_most"] = max(state["last_most"], state["last_now"])
+        await busy_for(0.2)
+        state["last_now"] -= 1
+
+    @job(name="t.fresh")
+    async def fresh(i: int) -> None:
+        state["fresh_beside_last"] += state["last_now"] > 0
+        await busy_for(0.05)
+
+    on_last_chance = [h.id for h in last.defer_many([{"i": i} for i in range(3)])]
+    others = [h.id for h in fresh.defer_many([{"i": i} for i in range(3)])]
+    with db.begin() as conn:
+        conn.execute(
+            sa.update(jobs).where(jobs.c.id.in_(on_last_chance)).values(lost_count=2),
+            execution_options=db.execution_options,
+        )
+
+    drain(dataclasses.replace(FAST, concurrency=8, max_lost=3))
+
+    assert state["last_most"] == 1
+    assert state["fresh_beside_last"] >= 1
+    # The ones put back while another ran were not charged an attempt.
+    assert all(runs(db, job_id) == [(1, "succeeded")] for job_id in on_last_chance + others)
 
 
 # ------------------------------------------------------------------ retries

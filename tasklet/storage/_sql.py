@@ -222,7 +222,8 @@ _TAKE_CANDIDATES = """UPDATE {jobs} AS j
   FROM candidates
  WHERE j.id = candidates.id
 RETURNING j.id, j.name, j.queue, j.priority, j.serializer, j.args::text, j.args_pickle,
-          j.attempts, j.max_attempts, j.timeout, j.run_at, j.lease, j.trace_context"""
+          j.attempts, j.max_attempts, j.timeout, j.run_at, j.lease, j.trace_context,
+          j.lost_count"""
 
 _PG_CLAIM = """
 WITH RECURSIVE {queues_cte},
@@ -234,6 +235,7 @@ candidates AS (
               FROM {jobs}
              WHERE status = 'queued' AND concurrency_key IS NULL AND queue = q.queue
                AND name = ANY(%(names)s::text[]) AND run_at <= now()
+               AND lost_count < %(lost_below)s
              ORDER BY priority, run_at, id
              LIMIT %(limit)s
                FOR UPDATE SKIP LOCKED) AS c
@@ -355,6 +357,7 @@ SELECT k.n, k.key, h.lim,
         SELECT d.concurrency_limit AS lim
           FROM (SELECT name, queue, concurrency_limit FROM {jobs} AS c
                  WHERE c.status = 'queued' AND c.concurrency_key = k.key AND c.run_at <= now()
+                   AND c.lost_count < %(lost_below)s
                  ORDER BY c.priority, c.run_at, c.id
                  LIMIT 8) AS d
          WHERE d.name = ANY(%(names)s::text[]) {queue_filter}
@@ -380,6 +383,7 @@ candidates AS (
               FROM {jobs} AS d
              WHERE d.status = 'queued' AND d.concurrency_key = k.key
                AND d.name = ANY(%(names)s::text[]) AND d.run_at <= now() {queue_filter}
+               AND d.lost_count < %(lost_below)s
                AND NOT EXISTS (SELECT 1 FROM {paused} AS p WHERE p.queue = d.queue)
              ORDER BY d.priority, d.run_at, d.id
              LIMIT greatest(k.room, 0)
@@ -437,11 +441,12 @@ UPDATE jobs
        SELECT id FROM jobs
         WHERE status = 'queued' AND concurrency_key IS NULL {queue_filter}
           AND name IN (SELECT value FROM json_each(:names)) AND run_at <= :now
+          AND lost_count < :lost_below
           AND queue NOT IN (SELECT queue FROM paused_queues)
         ORDER BY priority, run_at, id
         LIMIT :limit)
 RETURNING id, name, queue, priority, serializer, args, args_pickle, attempts, max_attempts,
-          timeout, run_at, lease, trace_context
+          timeout, run_at, lease, trace_context, lost_count
 """
 SQLITE_QUEUE_FILTER = "AND queue IN (SELECT value FROM json_each(:queues))"
 # A worker of every queue names the queues that have work, found by a skip scan
@@ -476,6 +481,7 @@ UPDATE jobs
                        ON r.concurrency_key = c.concurrency_key
                WHERE c.status = 'queued' AND c.concurrency_key IS NOT NULL {queue_filter}
                  AND c.name IN (SELECT value FROM json_each(:names)) AND c.run_at <= :now
+                 AND c.lost_count < :lost_below
                  AND c.queue NOT IN (SELECT queue FROM paused_queues)
               WINDOW by_key AS (PARTITION BY c.concurrency_key
                                 ORDER BY c.priority, c.run_at, c.id))
@@ -483,7 +489,7 @@ UPDATE jobs
         ORDER BY priority, run_at, id
         LIMIT :limit)
 RETURNING id, name, queue, priority, serializer, args, args_pickle, attempts, max_attempts,
-          timeout, run_at, lease, trace_context
+          timeout, run_at, lease, trace_context, lost_count
 """
 
 SQLITE_FINISH = """

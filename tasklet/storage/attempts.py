@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,10 @@ from .rows import ClaimedJob, Completion, JobRow, as_utc, sqlite_text, utcnow
 # index per queue), so the generic plan is the custom one without the planning.
 _CLAIM_SESSION = "SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan"
 _CLAIM_SESSION_RESET = "RESET synchronous_commit; RESET plan_cache_mode"
+
+
+#: ``lost_below`` for a claim that leaves out no job (the largest int4).
+ANY_LOSSES = 2**31 - 1
 
 
 def _by_claim_order(claimed: list[ClaimedJob]) -> list[ClaimedJob]:
@@ -100,28 +105,31 @@ class Claimer:
         past the bound of its scan): a claim in a moment may find room there."""
         return self._limited is not None and self._limited.retry_soon
 
-    def claim(self, limit: int) -> list[ClaimedJob]:
+    def claim(self, limit: int, *, lost_below: int | None = None) -> list[ClaimedJob]:
         """Up to ``limit`` due jobs, by priority, then due time, then id.
 
         A claimer that is ``limited`` also claims jobs under a concurrency
         limit, from the same ``limit``: the two kinds take turns to go first,
         so neither can starve the other. Priority orders jobs within a kind.
+        ``lost_below`` leaves out the jobs lost with a crashed worker that many
+        times or more.
         """
         if limit <= 0 or not self._names:
             return []
+        losses = ANY_LOSSES if lost_below is None else lost_below
         if not self.limited:
-            return self._claim_unlimited(limit)
+            return self._claim_unlimited(limit, losses)
         self.limited_ids = []
         kinds = [self._claim_limited, self._claim_unlimited]
         if not self._limited_first:
             kinds.reverse()
         self._limited_first = not self._limited_first
-        claimed = kinds[0](limit)
+        claimed = kinds[0](limit, losses)
         if len(claimed) < limit:
-            claimed += kinds[1](limit - len(claimed))
+            claimed += kinds[1](limit - len(claimed), losses)
         return _by_claim_order(claimed)
 
-    async def claim_async(self, limit: int) -> list[ClaimedJob]:
+    async def claim_async(self, limit: int, *, lost_below: int | None = None) -> list[ClaimedJob]:
         """:meth:`claim`, awaited on the worker's event loop.
 
         A claimer of unlimited jobs on PostgreSQL (with an engine tasklet made)
@@ -130,8 +138,10 @@ class Claimer:
         :meth:`claim` runs in a thread.
         """
         if not self._db.native_async or self.limited or limit <= 0 or not self._names:
-            return await anyio.to_thread.run_sync(self.claim, limit)
-        sql, params = self._pg_claim(limit)
+            return await anyio.to_thread.run_sync(
+                functools.partial(self.claim, limit, lost_below=lost_below)
+            )
+        sql, params = self._pg_claim(limit, ANY_LOSSES if lost_below is None else lost_below)
         with self._db.translate_errors():
             try:
                 if self._async_conn is None:
@@ -144,37 +154,38 @@ class Claimer:
                 raise
         return _by_claim_order([ClaimedJob(*row) for row in rows])
 
-    def _claim_unlimited(self, limit: int) -> list[ClaimedJob]:
+    def _claim_unlimited(self, limit: int, lost_below: int) -> list[ClaimedJob]:
         if self._db.dialect == "sqlite":
-            return self._claim_sqlite(limit)
+            return self._claim_sqlite(limit, lost_below)
         with self._db.translate_errors():
             try:
-                rows = self._db.driver_execute(self._connection(), *self._pg_claim(limit))
+                sql, params = self._pg_claim(limit, lost_below)
+                rows = self._db.driver_execute(self._connection(), sql, params)
             except exc.DBAPIError:
                 self.close()  # a fresh connection next time
                 raise
         return _by_claim_order([ClaimedJob(*row) for row in rows])
 
-    def _pg_claim(self, limit: int) -> tuple[str, dict[str, Any]]:
+    def _pg_claim(self, limit: int, lost_below: int) -> tuple[str, dict[str, Any]]:
         params = {
             "worker_id": self._worker_id,
             "queues": self._queues,
             "names": self._names,
             "limit": limit,
+            "lost_below": lost_below,
         }
         return pg_claim_sql(self._db.schema, self._queues is None), params
 
-    def _claim_limited(self, limit: int) -> list[ClaimedJob]:
+    def _claim_limited(self, limit: int, lost_below: int) -> list[ClaimedJob]:
         limited = self._limited
         assert limited is not None
         if self._db.dialect == "sqlite":
-            claimed = [_sqlite_claimed(row) for row in limited.claim_sqlite(limit)]
+            claimed = [_sqlite_claimed(row) for row in limited.claim_sqlite(limit, lost_below)]
         else:
             with self._db.translate_errors():
                 try:
-                    claimed = [
-                        ClaimedJob(*row) for row in limited.claim_pg(self._connection(), limit)
-                    ]
+                    rows = limited.claim_pg(self._connection(), limit, lost_below)
+                    claimed = [ClaimedJob(*row) for row in rows]
                 except exc.DBAPIError:
                     self.close()  # a fresh connection next time
                     raise
@@ -207,7 +218,7 @@ class Claimer:
         if self._conn is not None:
             await anyio.to_thread.run_sync(self.close)
 
-    def _claim_sqlite(self, limit: int) -> list[ClaimedJob]:
+    def _claim_sqlite(self, limit: int, lost_below: int) -> list[ClaimedJob]:
         # One statement: atomic, and it holds the write lock only while it runs.
         queue_filter = SQLITE_QUEUES_WITH_WORK if self._queues is None else SQLITE_QUEUE_FILTER
         sql = SQLITE_CLAIM.format(queue_filter=queue_filter)
@@ -217,6 +228,7 @@ class Claimer:
             "queues": json.dumps(self._queues),
             "names": json.dumps(self._names),
             "limit": limit,
+            "lost_below": lost_below,
         }
         with self._db.autocommit() as conn:
             rows = self._db.driver_execute(conn, sql, params)

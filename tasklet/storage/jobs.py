@@ -322,7 +322,12 @@ def jobs_flag_unknown(
 
 
 def jobs_next_due(
-    db: Database, *, queues: Sequence[str] | None, names: Sequence[str], limited: bool = False
+    db: Database,
+    *,
+    queues: Sequence[str] | None,
+    names: Sequence[str],
+    limited: bool = False,
+    lost_below: int | None = None,
 ) -> dt.datetime | None:
     """When the earliest queued job of these queues and names is due, or None if there is none.
 
@@ -331,9 +336,17 @@ def jobs_next_due(
     only while they are scheduled for later: a due one that was not claimed
     waits for a running job of its key to finish, and that finish wakes the
     worker (``worker._flush_once``), so a worker never spins on a full key.
+    ``lost_below`` leaves out what the claim left out (``Claimer.claim``).
     """
     unpaused = jobs.c.queue.not_in(sa.select(paused_queues.c.queue))
-    mine = (jobs.c.status == "queued", in_queues(queues), jobs.c.name.in_(names), unpaused)
+    mine: tuple[sa.ColumnElement[bool], ...] = (
+        jobs.c.status == "queued",
+        in_queues(queues),
+        jobs.c.name.in_(names),
+        unpaused,
+    )
+    if lost_below is not None:  # as the claim that found nothing left them out
+        mine = (*mine, jobs.c.lost_count < lost_below)
     # On the claim index.
     query = sa.select(sa.func.min(jobs.c.run_at)).where(*mine, jobs.c.concurrency_key.is_(None))
     with db.begin(read_only=True) as conn:

@@ -43,7 +43,7 @@ class LimitedClaims:
         self.retry_soon = False
         self._lock_space = lock_space(db.schema)
 
-    def claim_pg(self, conn: Connection, limit: int) -> list[Any]:
+    def claim_pg(self, conn: Connection, limit: int, lost_below: int) -> list[Any]:
         """Rows claimed in one short transaction: lock the candidate keys, then count and claim.
 
         The count runs in a statement of its own, after the locks: in READ
@@ -51,7 +51,7 @@ class LimitedClaims:
         was granted (the lock's own statement reads an older snapshot).
         """
         keys_sql, claim_sql = pg_limited_claim_sql(self._db.schema, self._params["queues"] is None)
-        params = {**self._params, "limit": limit}
+        params = {**self._params, "limit": limit, "lost_below": lost_below}
         # The advisory locks last until COMMIT: the transaction holds these statements only.
         conn.exec_driver_sql("BEGIN")
         try:
@@ -80,7 +80,7 @@ class LimitedClaims:
             raise
         return rows
 
-    def claim_sqlite(self, limit: int) -> list[Any]:
+    def claim_sqlite(self, limit: int, lost_below: int) -> list[Any]:
         """Rows claimed by one statement: under SQLite's write lock it is race-free."""
         queues = self._params["queues"]
         params = {
@@ -89,6 +89,7 @@ class LimitedClaims:
             "queues": json.dumps(queues),
             "names": json.dumps(self._params["names"]),
             "limit": limit,
+            "lost_below": lost_below,
         }
         sql = SQLITE_LIMITED_CLAIM.format(
             queue_filter="" if queues is None else SQLITE_QUEUE_FILTER

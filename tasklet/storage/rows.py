@@ -152,6 +152,8 @@ class ClaimedJob:
     lease: int
     #: The defer's trace context (JSON), when tracing was on as it was deferred.
     trace_context: str | None = None
+    #: Attempts lost with a crashed worker so far (see WorkerSettings.max_lost).
+    lost_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
