@@ -34,6 +34,8 @@ Dialect = Literal["postgresql", "sqlite"]
 _READ_ONLY = "tasklet_read_only"
 _CURSOR = "tasklet_cursor"
 _ASYNC_IDLE_MAX = 4
+#: Sync enqueues open at most this many connections of their own; past it they use the pool.
+_SYNC_OWN_MAX = 8
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _MIGRATE_HINT = "run `tasklet migrate` (or `alembic upgrade head` from a clone of tasklet)"
 #: SQLite engines that already carry tasklet's listeners: a shared engine handed to
@@ -137,8 +139,8 @@ class _ThreadConnection:
             raise self.db._translated(error) from error
 
 
-class AsyncLink:
-    """An async psycopg connection of tasklet's own, and the one cursor it runs statements on.
+class Link:
+    """A psycopg connection of tasklet's own, and the one cursor it runs statements on.
 
     Keeping the cursor keeps its adapters warm: a new cursor per statement cost a
     one-row enqueue 30 µs of CPU.
@@ -150,6 +152,12 @@ class AsyncLink:
         self.connection = connection
         self.cursor = connection.cursor()
 
+
+class AsyncLink(Link):
+    """A :class:`Link` on an async psycopg connection."""
+
+    __slots__ = ()
+
     async def close(self) -> None:
         """Close the connection (a no-op for one already closed or lost)."""
         await self.connection.close()
@@ -160,6 +168,103 @@ def _finish_connections(links: list[AsyncLink]) -> None:
     for link in links:
         link.connection.pgconn.finish()
     links.clear()
+
+
+#: libpq's PGRES_TUPLES_OK (psycopg.pq.ExecStatus.TUPLES_OK), without importing psycopg.
+_TUPLES_OK = 2
+
+
+def _returns_rows(cursor: Any) -> bool:
+    # The result's status, not cursor.description (which builds column objects).
+    result = cursor.pgresult
+    return result is not None and result.status == _TUPLES_OK
+
+
+def _driver_error(sql: str, params: dict[str, Any] | None, error: Any) -> exc.DBAPIError:
+    """A psycopg error on a connection of tasklet's own, as SQLAlchemy's (whose
+    remedies :meth:`Database.translate_errors` knows)."""
+    import psycopg
+
+    lost = isinstance(error, psycopg.OperationalError)
+    wrapped: exc.DBAPIError = exc.DBAPIError.instance(
+        sql, params, error, psycopg.Error, connection_invalidated=lost
+    )
+    return wrapped
+
+
+class _SyncLinks:
+    """Sync psycopg connections of tasklet's own in autocommit, each with its cursor.
+
+    What :meth:`Database.driver_execute_own` runs on. Taking an idle one is a
+    ``list.pop`` (atomic under the GIL), where a checkout from SQLAlchemy's pool
+    and its return cost a one-row enqueue ~45 µs of CPU between round trips.
+    At most ``_SYNC_OWN_MAX`` are open; ``take`` returns None past that, and
+    the caller uses the pool, which queues. A forked child opens its own: the
+    parent's stay referenced, never closed, as their sockets are the parent's.
+    """
+
+    __slots__ = ("_forked_away", "_lock", "_open", "_pid", "idle")
+
+    def __init__(self) -> None:
+        self.idle: list[Link] = []
+        self._lock = threading.Lock()
+        self._open = 0
+        self._pid = os.getpid()
+        self._forked_away: list[Link] = []
+
+    def take(self) -> Link | None:
+        """An idle connection, or None."""
+        if self._pid != os.getpid():
+            self._after_fork()
+        try:
+            return self.idle.pop()
+        except IndexError:
+            return None
+
+    def open(self, conninfo: str) -> Link | None:
+        """A new connection, or None when ``_SYNC_OWN_MAX`` are open."""
+        with self._lock:
+            if self._open >= _SYNC_OWN_MAX:
+                return None
+            self._open += 1
+        import psycopg
+
+        try:
+            return Link(psycopg.Connection.connect(conninfo, autocommit=True))
+        except psycopg.Error as error:  # while connecting: no statement ran
+            self._closed(1)
+            raise exc.DBAPIError.instance(None, None, error, psycopg.Error) from error
+
+    def give_back(self, link: Link) -> None:
+        if len(self.idle) < _ASYNC_IDLE_MAX:
+            self.idle.append(link)
+        else:
+            self.close(link)
+
+    def close(self, link: Link) -> None:
+        link.connection.close()
+        self._closed(1)
+
+    def close_idle(self) -> None:
+        """Close the idle ones (after a lost server, they are all lost; or on dispose)."""
+        while self.idle:
+            try:
+                self.close(self.idle.pop())
+            except IndexError:  # another thread took the last one
+                break
+
+    def _closed(self, count: int) -> None:
+        with self._lock:
+            self._open -= count
+
+    def _after_fork(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._forked_away.extend(self.idle)
+            self.idle = []
+            self._open = 0
+            self._pid = os.getpid()
 
 
 @dataclass(eq=False)
@@ -174,6 +279,7 @@ class Database:
         default_factory=weakref.WeakKeyDictionary, repr=False
     )
     _async_all: weakref.WeakSet[AsyncLink] = field(default_factory=weakref.WeakSet, repr=False)
+    _sync_links: _SyncLinks = field(default_factory=_SyncLinks, repr=False)
     _per_thread: threading.local = field(default_factory=threading.local, repr=False)
     _thread_connections: weakref.WeakSet[Connection] = field(
         default_factory=weakref.WeakSet, repr=False
@@ -212,12 +318,14 @@ class Database:
         return {"schema_translate_map": {None: self.schema}}
 
     @functools.cached_property
-    def native_async(self) -> bool:
-        """Whether async callers can use :meth:`connect_async` (no thread hop).
+    def own_connections(self) -> bool:
+        """Whether tasklet may open psycopg connections of its own from the URL.
 
-        Only for PostgreSQL on an engine tasklet made: a connection opened from
-        the URL alone would miss what a user's engine adds (``connect_args``,
-        events that set the ``search_path``).
+        They serve :meth:`connect_async` (async callers without a thread hop)
+        and :meth:`driver_execute_own` (sync enqueues without the pool's
+        checkout). Only for PostgreSQL on an engine tasklet made: a connection
+        opened from the URL alone would miss what a user's engine adds
+        (``connect_args``, events that set the ``search_path``).
         """
         return self.dialect == "postgresql" and self.owns_engine
 
@@ -254,6 +362,7 @@ class Database:
         _finish_connections(list(self._async_all))
         self._async_all.clear()
         self._async_idle.clear()
+        self._sync_links.close_idle()
         if self.owns_engine:
             if "autocommit_engine" in self.__dict__:
                 self.autocommit_engine.dispose()
@@ -290,6 +399,41 @@ class Database:
         """The URL as libpq takes it, for connections tasklet opens with psycopg itself."""
         url = self.engine.url.set(drivername="postgresql")
         return url.render_as_string(hide_password=False)
+
+    def driver_execute_own(self, sql: str, params: dict[str, Any]) -> list[Any]:
+        """:meth:`driver_execute` committing at once, on a connection of tasklet's own.
+
+        The sync twin of :meth:`driver_execute_async` (PostgreSQL with an engine
+        tasklet made, see :attr:`own_connections`): ``defer`` from a web request
+        skips the pool's checkout (see :class:`_SyncLinks`). It uses the pool
+        when ``_SYNC_OWN_MAX`` connections of its own are busy, and whenever
+        something listens to the engine's cursor events (SQL logging, tracing
+        instrumentation), which only a pooled connection fires.
+        """
+        import psycopg
+
+        links = self._sync_links
+        link = None
+        events = self.autocommit_engine.dispatch
+        if not (events.before_cursor_execute or events.after_cursor_execute):
+            try:
+                link = links.take() or links.open(self.conninfo)
+            except exc.DBAPIError as error:
+                raise self._translated(error) from error
+        if link is None:
+            with self._pooled_autocommit() as conn:
+                return self.driver_execute(conn, sql, params)
+        cursor = link.cursor
+        try:
+            cursor.execute(sql, params)
+            rows: list[Any] = cursor.fetchall() if _returns_rows(cursor) else []
+        except psycopg.Error as error:
+            links.close(link)
+            if isinstance(error, psycopg.OperationalError):
+                links.close_idle()  # a lost server took the idle ones with it
+            raise self._translated(_driver_error(sql, params, error)) from error
+        links.give_back(link)
+        return rows
 
     async def driver_execute_async(self, sql: str, params: dict[str, Any]) -> list[Any]:
         """:meth:`driver_execute` on an async psycopg connection in autocommit (PostgreSQL).
@@ -344,21 +488,13 @@ class Database:
         cursor = link.cursor
         try:
             await cursor.execute(sql, params)
-            # The result's status, not cursor.description (which builds column objects).
-            result = cursor.pgresult
-            if result is None or result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+            if not _returns_rows(cursor):
                 return []
             rows: list[Any] = await cursor.fetchall()
             return rows
         except psycopg.Error as error:
             await link.close()
-            raise exc.DBAPIError.instance(
-                sql,
-                params,
-                error,
-                psycopg.Error,
-                connection_invalidated=isinstance(error, psycopg.OperationalError),
-            ) from error
+            raise _driver_error(sql, params, error) from error
 
     def _idle_async_connections(self) -> list[AsyncLink]:
         loop = asyncio.get_running_loop()

@@ -463,3 +463,97 @@ async def test_async_enqueues_keep_a_few_idle_connections_and_close_the_rest(
     gc.collect()
     assert len(pg_db._async_all) == 4
     assert all(not link.connection.closed for link in pg_db._async_all)
+
+
+def test_sync_enqueues_on_postgresql_reuse_one_connection_of_their_own(pg_db: Database) -> None:
+    for n in range(20):
+        jobs_for_tests.noop.defer(n=n)
+
+    assert count_jobs(pg_db) == 20
+    assert len(pg_db._sync_links.idle) == 1
+    pool = pg_db.autocommit_engine.pool
+    assert (pool.checkedin(), pool.checkedout()) == (0, 0)  # type: ignore[attr-defined]
+
+
+def test_sync_enqueues_past_their_own_connections_use_the_pool(
+    pg_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tasklet._database._SYNC_OWN_MAX", 0)
+
+    jobs_for_tests.noop.defer(n=1)
+
+    assert count_jobs(pg_db) == 1
+    assert pg_db._sync_links.idle == []
+    assert pg_db.autocommit_engine.pool.checkedin() == 1  # type: ignore[attr-defined]
+
+
+def test_sync_enqueues_fire_cursor_events_for_whoever_listens(pg_db: Database) -> None:
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    sa.event.listen(pg_db.autocommit_engine, "before_cursor_execute", record)
+    try:
+        jobs_for_tests.noop.defer(n=1)
+    finally:
+        sa.event.remove(pg_db.autocommit_engine, "before_cursor_execute", record)
+
+    assert len(seen) == 1
+    assert "INSERT INTO" in seen[0]
+
+
+def test_a_sync_enqueue_on_a_lost_server_says_so_and_the_next_one_reconnects(
+    pg_db: Database,
+) -> None:
+    import psycopg
+
+    jobs_for_tests.noop.defer(n=1)
+    for _ in range(2):  # three idle connections in all, each lost below
+        link = pg_db._sync_links.open(pg_db.conninfo)
+        assert link is not None
+        pg_db._sync_links.give_back(link)
+    lost = [link.connection.info.backend_pid for link in pg_db._sync_links.idle]
+    with psycopg.connect(pg_db.conninfo, autocommit=True) as admin:
+        for pid in lost:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    with pytest.raises(DatabaseUnavailableError, match="cannot reach the database"):
+        jobs_for_tests.noop.defer(n=2)
+    jobs_for_tests.noop.defer(n=3)  # not on another of the lost connections
+
+    assert count_jobs(pg_db) == 2
+    [link] = pg_db._sync_links.idle
+    assert link.connection.info.backend_pid not in lost
+
+
+def test_dispose_closes_the_idle_sync_connections(pg_db: Database) -> None:
+    jobs_for_tests.noop.defer(n=1)
+    [link] = pg_db._sync_links.idle
+
+    pg_db.dispose()
+
+    assert link.connection.closed
+    assert pg_db._sync_links.idle == []
+
+
+def test_a_forked_child_enqueues_on_a_connection_of_its_own(pg_db: Database) -> None:
+    jobs_for_tests.noop.defer(n=1)
+    [parent_link] = pg_db._sync_links.idle
+    parent_backend = parent_link.connection.info.backend_pid
+
+    child = os.fork()
+    if child == 0:  # the child: defer, then say whether it used a connection of its own
+        code = 1
+        try:
+            jobs_for_tests.noop.defer(n=2)
+            [link] = pg_db._sync_links.idle
+            code = 0 if link.connection.info.backend_pid != parent_backend else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    jobs_for_tests.noop.defer(n=3)
+
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert count_jobs(pg_db) == 3
+    assert pg_db._sync_links.idle == [parent_link]

@@ -137,7 +137,7 @@ class Claimer:
         130 µs a claim; a 100-job drain went 7% faster). Otherwise
         :meth:`claim` runs in a thread.
         """
-        if not self._db.native_async or self.limited or limit <= 0 or not self._names:
+        if not self._db.own_connections or self.limited or limit <= 0 or not self._names:
             return await anyio.to_thread.run_sync(
                 functools.partial(self.claim, limit, lost_below=lost_below)
             )

@@ -33,10 +33,18 @@ _SQLITE_INSERT = sa.insert(jobs).returning(jobs.c.id)
 
 
 def _pg_insert(
-    db: Database, conn: Connection, new_jobs: Sequence[NewJob], notify: bool
+    db: Database, conn: Connection | None, new_jobs: Sequence[NewJob], notify: bool
 ) -> list[int]:
+    """Insert on ``conn``, or committing at once on a connection of tasklet's own (None)."""
     sql, params = _pg_insert_statement(db, new_jobs, notify)
-    rows = db.driver_execute(conn, sql, params)
+    if conn is None:
+        rows = db.driver_execute_own(sql, params)
+    else:
+        rows = db.driver_execute(conn, sql, params)
+    return _ids(rows)
+
+
+def _ids(rows: Sequence[Any]) -> list[int]:
     return [rows[0][0]] if len(rows) == 1 else sorted(row[0] for row in rows)
 
 
@@ -77,10 +85,9 @@ async def jobs_insert_async(
     """
     if not new_jobs:
         return []
-    if db.native_async:
+    if db.own_connections:
         sql, params = _pg_insert_statement(db, new_jobs, notify)
-        rows = await db.driver_execute_async(sql, params)
-        return [rows[0][0]] if len(rows) == 1 else sorted(row[0] for row in rows)
+        return _ids(await db.driver_execute_async(sql, params))
     return await anyio.to_thread.run_sync(
         functools.partial(jobs_insert, db, new_jobs, notify=notify)
     )
@@ -189,6 +196,8 @@ def jobs_insert(
     if conn is not None:
         with db.translate_errors():
             return _jobs_insert_on(db, conn, new_jobs, notify)
+    if db.own_connections:
+        return _pg_insert(db, None, new_jobs, notify)
     with db.autocommit() as own:
         return _jobs_insert_on(db, own, new_jobs, notify)
 

@@ -111,6 +111,8 @@ def jobs_insert_unique(
                 return _sqlite_insert(db, conn, new_jobs)
             with conn.begin():
                 return _sqlite_insert(db, conn, new_jobs)
+    if db.own_connections:
+        return _pg_insert(db, None, new_jobs, notify)
     if db.dialect == "postgresql":
         with db.autocommit() as own:
             return _pg_insert(db, own, new_jobs, notify)
@@ -125,7 +127,7 @@ async def jobs_insert_unique_async(
     on PostgreSQL with an engine tasklet made)."""
     if not new_jobs:
         return []
-    if db.native_async:
+    if db.own_connections:
         batch = _UniqueBatch(new_jobs)
         while batch.pending:
             sql, params = _pg_statement(db, batch.pending, notify)
@@ -145,12 +147,16 @@ def _pg_statement(
 
 
 def _pg_insert(
-    db: Database, conn: Connection, new_jobs: Sequence[NewJob], notify: bool
+    db: Database, conn: Connection | None, new_jobs: Sequence[NewJob], notify: bool
 ) -> list[InsertedJob]:
+    """Insert on ``conn``, or committing at once on a connection of tasklet's own (None)."""
     batch = _UniqueBatch(new_jobs)
     while batch.pending:
         sql, params = _pg_statement(db, batch.pending, notify)
-        batch.absorb(db.driver_execute(conn, sql, params))
+        if conn is None:
+            batch.absorb(db.driver_execute_own(sql, params))
+        else:
+            batch.absorb(db.driver_execute(conn, sql, params))
     return batch.result()
 
 
