@@ -446,6 +446,9 @@ class Database:
             link = idle.pop() if idle else await self.connect_async()
             rows = await self.execute_on_async(link, sql, params)
         except exc.DBAPIError as error:
+            if error.connection_invalidated:  # a lost server took the idle ones with it
+                while idle:
+                    await idle.pop().close()
             raise self._translated(error) from error
         if len(idle) < _ASYNC_IDLE_MAX:
             idle.append(link)

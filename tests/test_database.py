@@ -557,3 +557,29 @@ def test_a_forked_child_enqueues_on_a_connection_of_its_own(pg_db: Database) -> 
     assert os.waitstatus_to_exitcode(status) == 0
     assert count_jobs(pg_db) == 3
     assert pg_db._sync_links.idle == [parent_link]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_an_async_enqueue_on_a_lost_server_says_so_and_the_next_one_reconnects(
+    pg_db: Database,
+) -> None:
+    import psycopg
+
+    await asyncio.gather(
+        *(pg_db.driver_execute_async("SELECT pg_sleep(0.05)", {}) for _ in range(3))
+    )
+    idle = pg_db._idle_async_connections()
+    lost = [link.connection.info.backend_pid for link in idle]
+    assert len(lost) == 3
+    with psycopg.connect(pg_db.conninfo, autocommit=True) as admin:
+        for pid in lost:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    with pytest.raises(DatabaseUnavailableError, match="cannot reach the database"):
+        await jobs_for_tests.noop.defer_async(n=1)
+    await jobs_for_tests.noop.defer_async(n=2)  # not on another of the lost connections
+
+    assert count_jobs(pg_db) == 1
+    [link] = idle
+    assert link.connection.info.backend_pid not in lost
