@@ -33,7 +33,8 @@ from .errors import DatabaseUnavailableError, SchemaMissingError, TaskletError
 Dialect = Literal["postgresql", "sqlite"]
 _READ_ONLY = "tasklet_read_only"
 _CURSOR = "tasklet_cursor"
-_ASYNC_IDLE_MAX = 4
+#: Idle connections of tasklet's own kept per event loop (async) or per process (sync).
+_IDLE_MAX = 4
 #: Sync enqueues open at most this many connections of their own; past it they use the pool.
 _SYNC_OWN_MAX = 8
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -198,7 +199,7 @@ class _SyncLinks:
     What :meth:`Database.driver_execute_own` runs on. Taking an idle one is a
     ``list.pop`` (atomic under the GIL), where a checkout from SQLAlchemy's pool
     and its return cost a one-row enqueue ~45 µs of CPU between round trips.
-    At most ``_SYNC_OWN_MAX`` are open; ``take`` returns None past that, and
+    At most ``_SYNC_OWN_MAX`` are open; ``open`` returns None past that, and
     the caller uses the pool, which queues. A forked child opens its own: the
     parent's stay referenced, never closed, as their sockets are the parent's.
     """
@@ -236,7 +237,7 @@ class _SyncLinks:
             raise exc.DBAPIError.instance(None, None, error, psycopg.Error) from error
 
     def give_back(self, link: Link) -> None:
-        if len(self.idle) < _ASYNC_IDLE_MAX:
+        if len(self.idle) < _IDLE_MAX:
             self.idle.append(link)
         else:
             self.close(link)
@@ -450,7 +451,7 @@ class Database:
                 while idle:
                     await idle.pop().close()
             raise self._translated(error) from error
-        if len(idle) < _ASYNC_IDLE_MAX:
+        if len(idle) < _IDLE_MAX:
             idle.append(link)
         else:
             await link.close()

@@ -583,3 +583,15 @@ async def test_an_async_enqueue_on_a_lost_server_says_so_and_the_next_one_reconn
     assert count_jobs(pg_db) == 1
     [link] = idle
     assert link.connection.info.backend_pid not in lost
+
+
+def test_sync_enqueues_keep_a_few_idle_connections_and_close_the_rest(pg_db: Database) -> None:
+    links = pg_db._sync_links
+    opened = [links.open(pg_db.conninfo) for _ in range(6)]  # as six threads at once would
+
+    for link in opened:
+        assert link is not None
+        links.give_back(link)
+
+    assert len(links.idle) == 4
+    assert [link.connection.closed for link in opened if link is not None].count(True) == 2
