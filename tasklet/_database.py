@@ -510,9 +510,17 @@ class Database:
         return idle
 
     def driver_execute(
-        self, conn: Connection, sql: str, params: dict[str, Any], *, last_rowid: bool = False
+        self,
+        conn: Connection | None,
+        sql: str,
+        params: dict[str, Any],
+        *,
+        last_rowid: bool = False,
     ) -> list[Any]:
         """Run pre-compiled SQL on ``conn``'s driver connection, in its transaction.
+
+        ``conn`` None (PostgreSQL with :attr:`own_connections`): commit at once,
+        on a connection of tasklet's own (:meth:`driver_execute_own`).
 
         For the enqueue path, which is bound by round trips and commits: it skips
         SQLAlchemy's per-execution work. Cursor events still fire for listeners
@@ -522,6 +530,8 @@ class Database:
         ``last_rowid`` (SQLite, a one-row INSERT): the one row returned is the
         new row's id, read from the cursor; ``RETURNING id`` cost SQLite 4.6 µs.
         """
+        if conn is None:
+            return self.driver_execute_own(sql, params)
         pooled = conn.connection
         driver: Any = pooled.dbapi_connection
         events = conn.dispatch

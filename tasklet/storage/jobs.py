@@ -37,11 +37,7 @@ def _pg_insert(
 ) -> list[int]:
     """Insert on ``conn``, or committing at once on a connection of tasklet's own (None)."""
     sql, params = _pg_insert_statement(db, new_jobs, notify)
-    if conn is None:
-        rows = db.driver_execute_own(sql, params)
-    else:
-        rows = db.driver_execute(conn, sql, params)
-    return _ids(rows)
+    return _ids(db.driver_execute(conn, sql, params))
 
 
 def _ids(rows: Sequence[Any]) -> list[int]:

@@ -153,10 +153,7 @@ def _pg_insert(
     batch = _UniqueBatch(new_jobs)
     while batch.pending:
         sql, params = _pg_statement(db, batch.pending, notify)
-        if conn is None:
-            batch.absorb(db.driver_execute_own(sql, params))
-        else:
-            batch.absorb(db.driver_execute(conn, sql, params))
+        batch.absorb(db.driver_execute(conn, sql, params))
     return batch.result()
 
 
